@@ -1,0 +1,104 @@
+"""What a wrapped base layer is, seen from an adapter: its kind, its widths, and its weight as a matrix.
+
+An orthogonal adapter rotates the ``d`` features a layer reads (or, for an embedding, the ``d`` features it
+writes). This module names those ``d`` features for every supported kind of layer without importing
+transformers or any quantization library, and gives merge a single view of the weight: the ``(out, d)``
+matrix ``W`` of ``y = x Wᵀ``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import torch
+from torch import nn
+
+
+class LayerKind(enum.Enum):
+    LINEAR = "linear"  # weight (out, in); also any module with in_features / out_features
+    CONV1D = "conv1d"  # transformers' GPT-2 Conv1D: y = x W + b with weight (in, out)
+    CONV2D = "conv2d"  # weight (out, in, kh, kw); rotates the in·kh·kw features of each patch
+    EMBEDDING = "embedding"  # weight (num, dim); rotates the dim features it outputs
+
+
+def is_transformers_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2), recognised by shape, not by import."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def layer_kind(base_layer: nn.Module) -> LayerKind:
+    """Classify ``base_layer``, or raise a ``TypeError`` that says what is supported."""
+    if isinstance(base_layer, nn.Embedding):
+        return LayerKind.EMBEDDING
+    if isinstance(base_layer, nn.Conv2d):
+        if base_layer.groups > 1:
+            raise ValueError(
+                f"Conv2d with groups={base_layer.groups} is not supported: an orthogonal rotation of the "
+                "in_channels·kh·kw patch features would mix channels across groups; target a layer with groups=1"
+            )
+        return LayerKind.CONV2D
+    if is_transformers_conv1d(base_layer):
+        return LayerKind.CONV1D
+    if isinstance(getattr(base_layer, "in_features", None), int) and isinstance(
+        getattr(base_layer, "out_features", None), int
+    ):
+        return LayerKind.LINEAR
+    raise TypeError(
+        f"cannot wrap {type(base_layer).__name__}: supported layers are nn.Linear, nn.Conv2d (groups=1), "
+        "nn.Embedding, transformers' Conv1D, and any module with integer in_features and out_features"
+    )
+
+
+def in_out_features(base_layer: nn.Module, kind: LayerKind) -> tuple[int, int]:
+    """peft's ``(in_features, out_features)``: channels for Conv2d, ``(dim, num)`` for an embedding."""
+    if kind is LayerKind.EMBEDDING:
+        return base_layer.embedding_dim, base_layer.num_embeddings
+    if kind is LayerKind.CONV2D:
+        return base_layer.in_channels, base_layer.out_channels
+    if kind is LayerKind.CONV1D:
+        fan_in, fan_out = base_layer.weight.shape
+        return fan_in, fan_out
+    return base_layer.in_features, base_layer.out_features
+
+
+def rotated_features(base_layer: nn.Module, kind: LayerKind) -> int:
+    """``d``: how many features the rotation acts on (``in·kh·kw`` for Conv2d)."""
+    in_features, _ = in_out_features(base_layer, kind)
+    if kind is LayerKind.CONV2D:
+        return in_features * math.prod(base_layer.kernel_size)
+    return in_features
+
+
+def plain_weight(base_layer: nn.Module) -> torch.Tensor:
+    """The base layer's floating-point weight, or a clear error for layers that store it otherwise."""
+    weight = getattr(base_layer, "weight", None)
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or type(weight) not in (
+        torch.Tensor,
+        nn.Parameter,
+    ):
+        raise NotImplementedError(
+            f"cannot merge into {type(base_layer).__name__}: its weight is not a plain floating-point tensor "
+            "(a quantized layer?); keep the adapter unmerged, or dequantize the base model before merging"
+        )
+    return weight
+
+
+def weight_matrix(base_layer: nn.Module, kind: LayerKind) -> torch.Tensor:
+    """The weight as the ``(out, d)`` matrix ``W`` of ``y = x Wᵀ`` (a view where possible).
+
+    For an embedding, whose rows are the outputs being rotated, the matrix is the ``(num, dim)`` table itself.
+    """
+    weight = plain_weight(base_layer)
+    if kind is LayerKind.CONV1D:
+        return weight.t()
+    return weight.reshape(weight.shape[0], -1)
+
+
+def write_weight_matrix(base_layer: nn.Module, kind: LayerKind, matrix: torch.Tensor) -> None:
+    """Store an ``(out, d)`` matrix (see :func:`weight_matrix`) back into the base weight, in its dtype."""
+    weight = plain_weight(base_layer)
+    if kind is LayerKind.CONV1D:
+        matrix = matrix.t()
+    with torch.no_grad():
+        weight.copy_(matrix.reshape(weight.shape).to(weight.dtype))

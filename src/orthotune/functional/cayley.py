@@ -1,0 +1,94 @@
+"""The Cayley transform: skew-symmetric generators to orthogonal rotations.
+
+Convention (one for the whole library, the OFT paper's):
+
+    R = (I + Q)(I - Q)⁻¹,        Q skew-symmetric,
+
+and a rotation acts on activations as a row vector, ``x ↦ x R``, so a linear layer ``y = x Wᵀ`` becomes
+``y = x R Wᵀ`` and merges as ``W ↦ W Rᵀ``.
+
+``(I - Q)`` is always invertible (the eigenvalues of ``Q`` are imaginary), ``R`` is orthogonal with
+``det R = 1``, and ``(I + Q)`` and ``(I - Q)⁻¹`` commute, so the order of the product does not matter.
+
+The Cayley-Neumann series replaces ``(I - Q)⁻¹`` with its Neumann series ``Σ_k Qᵏ`` truncated to ``n - 1``
+terms:
+
+    R_n = (I + Q) Σ_{k=0}^{n-2} Qᵏ = I + 2Q + 2Q² + … + 2Q^{n-2} + Q^{n-1}.
+
+Its error is exact and small: ``R - R_n = Q^{n-1} R``, so ``‖R - R_n‖₂ = ‖Q‖₂^{n-1}`` and
+``‖R_nᵀR_n - I‖₂ ≤ 2‖Q‖₂^{n-1} + ‖Q‖₂^{2(n-1)}``. The series converges only while ``‖Q‖₂ < 1``; for a skew
+``Q``, ``‖Q‖₂ ≤ ‖Q‖_F / √2``, which equals the Euclidean norm of its packed upper triangle.
+
+peft 0.21.2's Neumann path approximates this same ``R`` (for ``n ≥ 4`` term by term), but its exact path
+computes ``(I - Q)(I + Q)⁻¹ = Rᵀ``: the two modes of peft mean transposed rotations for the same parameters.
+Here both modes mean ``R``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: The series diverges at ``‖Q‖₂ = 1``; above this bound on ``‖Q‖₂`` we warn.
+NEUMANN_WARN_NORM = 0.9
+
+
+def _identity_like(q: torch.Tensor) -> torch.Tensor:
+    return torch.eye(q.shape[-1], dtype=q.dtype, device=q.device).expand_as(q)
+
+
+def cayley_exact(q: torch.Tensor) -> torch.Tensor:
+    """Exact Cayley transform ``R = (I + Q)(I - Q)⁻¹`` of a batch of skew-symmetric matrices.
+
+    Computed with ``torch.linalg.solve`` (an LU solve), never an explicit inverse.
+
+    Args:
+        q: ``(..., b, b)`` skew-symmetric.
+
+    Returns:
+        ``(..., b, b)`` orthogonal, same dtype as ``q``.
+    """
+    eye = _identity_like(q)
+    # (I + Q)(I - Q)⁻¹ = (I - Q)⁻¹(I + Q): a left solve, the form LAPACK and autograd handle best.
+    return torch.linalg.solve(eye - q, eye + q)
+
+
+def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
+    """Cayley-Neumann approximation ``(I + Q) Σ_{k=0}^{n-2} Qᵏ`` of :func:`cayley_exact`.
+
+    Args:
+        q: ``(..., b, b)`` skew-symmetric, ``‖Q‖₂ < 1`` for the series to converge.
+        num_terms: ``n ≥ 2``; ``n = 2`` gives ``I + Q``, and the result tends to :func:`cayley_exact` as ``n``
+            grows.
+
+    Returns:
+        ``(..., b, b)``, orthogonal up to ``2‖Q‖₂^{n-1}``.
+    """
+    if num_terms < 2:
+        raise ValueError(
+            f"num_cayley_neumann_terms={num_terms} is too few: the series needs at least 2 terms (I + Q); use 5"
+        )
+    series = _identity_like(q)  # Σ_{k=0}^{n-2} Qᵏ, built term by term
+    power = series
+    for _ in range(num_terms - 2):
+        power = power @ q
+        series = series + power
+    return series + q @ series  # (I + Q) · series
+
+
+def cayley(q: torch.Tensor, use_neumann: bool = False, num_neumann_terms: int = 5) -> torch.Tensor:
+    """:func:`cayley_exact` or :func:`cayley_neumann`, both meaning ``R = (I + Q)(I - Q)⁻¹``."""
+    return cayley_neumann(q, num_neumann_terms) if use_neumann else cayley_exact(q)
+
+
+def neumann_norm_bound(packed: torch.Tensor) -> torch.Tensor:
+    """Upper bound on ``‖Q‖₂`` per block, from packed generators ``(..., b(b-1)/2)``.
+
+    For skew ``Q``, ``‖Q‖₂ ≤ ‖Q‖_F / √2 = ‖packed‖₂``; the Neumann series converges below 1.
+    """
+    return torch.linalg.vector_norm(packed, dim=-1)
+
+
+def orthogonality_error(rotation: torch.Tensor) -> torch.Tensor:
+    """``max ‖RᵀR - I‖₂`` (spectral norm) over a batch ``(..., b, b)``; zero for an exact rotation."""
+    gram = rotation.transpose(-1, -2) @ rotation
+    return torch.linalg.matrix_norm(gram - _identity_like(gram), ord=2).max()

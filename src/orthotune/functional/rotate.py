@@ -1,0 +1,75 @@
+"""Block-diagonal rotations, applied to activations or to weights without building ``d × d`` matrices.
+
+A block-diagonal rotation ``R = diag(R_1, …, R_D)`` of ``D`` blocks of size ``b`` acts on a row vector
+``x = [x_1 … x_D]`` as ``x R = [x_1 R_1 … x_D R_D]``. One shared block (OFT's ``block_share``) is passed as a
+``(1, b, b)`` tensor and repeated over the whole width.
+
+For a linear layer ``y = x Wᵀ`` (``W`` of shape ``(out, d)``) the input-centric form ``y = (x R) Wᵀ`` costs
+``n·d·b`` extra multiply-adds per ``n`` tokens, against ``n·d·out`` for the layer itself; the equivalent
+weight-centric form ``W ↦ W Rᵀ`` (used for merging) costs ``out·d·b``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rotate_activations(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x R`` for block-diagonal ``R``.
+
+    Args:
+        x: ``(..., D·b)``.
+        blocks: ``(D, b, b)``, or ``(1, b, b)`` for one block shared over the width.
+
+    Returns:
+        ``(..., D·b)``, the dtype of ``x`` (``blocks`` should be cast to it beforehand).
+    """
+    num_blocks, block_size, _ = blocks.shape
+    if num_blocks == 1:
+        return (x.reshape(-1, block_size) @ blocks[0]).reshape(x.shape)
+    if x.shape[-1] != num_blocks * block_size:
+        raise ValueError(
+            f"x has {x.shape[-1]} features but the rotation has {num_blocks} blocks of {block_size}; "
+            "the last dimension of x must be num_blocks * block_size"
+        )
+    # One batched matmul over blocks, tokens in the middle: measurably faster than einsum's own layout.
+    by_block = x.reshape(-1, num_blocks, block_size).transpose(0, 1)
+    return torch.bmm(by_block, blocks).transpose(0, 1).reshape(x.shape)
+
+
+def rotate_weight(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``W Rᵀ``: merge the rotation into a weight used as ``y = x Wᵀ``.
+
+    Args:
+        weight: ``(out, D·b)``.
+        blocks: ``(D, b, b)`` or ``(1, b, b)``.
+
+    Returns:
+        ``(out, D·b)`` such that ``x (W Rᵀ)ᵀ == (x R) Wᵀ``.
+    """
+    return rotate_activations(weight, blocks.transpose(-1, -2))
+
+
+def unrotate_weight(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rotate_weight`: ``W' (Rᵀ)⁻¹``, by a linear solve per block.
+
+    For an exactly orthogonal ``R`` this equals ``W' R``; solving keeps unmerge exact also for the slightly
+    non-orthogonal rotations of a truncated Neumann series.
+    """
+    num_blocks, block_size, _ = blocks.shape
+    by_block = weight.reshape(-1, weight.shape[-1] // block_size, block_size).transpose(0, 1)
+    restored = torch.linalg.solve(blocks.transpose(-1, -2), by_block, left=False)
+    return restored.transpose(0, 1).reshape(weight.shape)
+
+
+def block_diagonal(blocks: torch.Tensor, num_blocks: int | None = None) -> torch.Tensor:
+    """The dense ``(D·b, D·b)`` matrix of a block-diagonal rotation (for merging and inspection only).
+
+    Args:
+        blocks: ``(D, b, b)``, or ``(1, b, b)`` repeated ``num_blocks`` times.
+        num_blocks: total number of blocks; defaults to ``blocks.shape[0]``.
+    """
+    if num_blocks is None:
+        num_blocks = blocks.shape[0]
+    eye = torch.eye(num_blocks * blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
+    return rotate_activations(eye, blocks)

@@ -1,0 +1,67 @@
+"""Skew-symmetric generators and their packed storage.
+
+A skew-symmetric ``b × b`` matrix ``Q`` (``Qᵀ = -Q``) has ``b(b-1)/2`` free entries: its strict upper
+triangle. OFT stores exactly those, row-major in the order of ``torch.triu_indices(b, b, 1)`` (peft's
+layout), so an adapter of ``r`` blocks is a ``(r, b(b-1)/2)`` tensor.
+
+BOFT stores unconstrained square matrices ``A`` instead and takes their skew part.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def packed_size(block_size: int) -> int:
+    """Number of free entries of a ``block_size × block_size`` skew-symmetric matrix."""
+    return block_size * (block_size - 1) // 2
+
+
+def block_size_from_packed(n_elements: int) -> int:
+    """Inverse of :func:`packed_size`: the ``b`` with ``b(b-1)/2 == n_elements``.
+
+    Raises:
+        ValueError: if ``n_elements`` is not a triangular number.
+    """
+    b = (1 + math.isqrt(1 + 8 * n_elements)) // 2
+    if packed_size(b) != n_elements:
+        raise ValueError(
+            f"n_elements={n_elements} is not b(b-1)/2 for any block size b; "
+            "a packed OFT row must hold the strict upper triangle of a square block"
+        )
+    return b
+
+
+def skew_from_packed(packed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Unpack strict upper triangles into skew-symmetric matrices.
+
+    Args:
+        packed: ``(..., b(b-1)/2)``, row-major order of ``torch.triu_indices(b, b, 1)``.
+        block_size: ``b``.
+
+    Returns:
+        ``(..., b, b)`` with ``Q[i, j] = packed[k]`` for the ``k``-th pair ``i < j`` and ``Q[j, i] = -Q[i, j]``.
+    """
+    if packed.shape[-1] != packed_size(block_size):
+        raise ValueError(
+            f"packed has {packed.shape[-1]} entries per block but block_size={block_size} needs "
+            f"{packed_size(block_size)}; pass the block size the parameters were made for"
+        )
+    rows, cols = torch.triu_indices(block_size, block_size, 1, device=packed.device)
+    upper = packed.new_zeros(*packed.shape[:-1], block_size, block_size)
+    upper[..., rows, cols] = packed
+    return upper - upper.transpose(-1, -2)
+
+
+def packed_from_skew(skew: torch.Tensor) -> torch.Tensor:
+    """Strict upper triangle of ``(..., b, b)`` matrices, as ``(..., b(b-1)/2)`` (inverse of :func:`skew_from_packed`)."""
+    b = skew.shape[-1]
+    rows, cols = torch.triu_indices(b, b, 1, device=skew.device)
+    return skew[..., rows, cols]
+
+
+def skew_part(square: torch.Tensor) -> torch.Tensor:
+    """``(A - Aᵀ) / 2`` for ``(..., b, b)`` matrices: the skew-symmetric part of an unconstrained matrix."""
+    return 0.5 * (square - square.transpose(-1, -2))
