@@ -60,6 +60,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import itertools
 import math
 import platform
@@ -331,7 +332,7 @@ class PairedTiming:
 
     @property
     def ratios(self) -> list[float]:
-        return [v / b for v, b in zip(self.variant_s, self.base_s)]
+        return [v / b for v, b in zip(self.variant_s, self.base_s, strict=True)]
 
 
 def time_pairs(
@@ -534,14 +535,15 @@ def render_markdown(rows: Sequence[Sequence[str]]) -> str:
 def render_text(rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(HEADERS)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*HEADERS), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in rows])
+    lines = [fmt.format(*HEADERS), fmt.format(*("-" * w for w in widths))]
+    return "\n".join(lines + [fmt.format(*row) for row in rows])
 
 
 def print_environment(args: argparse.Namespace) -> None:
     versions = [f"torch {torch.__version__}"]
     for name in ("peft", "orthotune"):
         try:
-            module = __import__(name)
+            module = importlib.import_module(name)
             versions.append(f"{name} {getattr(module, '__version__', '?')}")
         except Exception as exc:
             versions.append(f"{name} unavailable ({type(exc).__name__})")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,50 @@ logger = logging.getLogger(__name__)
 
 def _as_name_list(names: str | Iterable[str]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
+
+
+#: In ``adapter_names`` (one adapter per sample), the name that means "no adapter": the base model's output.
+BASE_ADAPTER_NAME = "__base__"
+
+
+def split_batch_by_adapter(adapter_names: Sequence[str], batch: int) -> list[tuple[str, torch.Tensor | None]]:
+    """Group the ``batch`` rows of an input by the adapter each sample asks for.
+
+    ``adapter_names`` holds one name per sample. An input with ``k`` rows per sample (beams or returned
+    sequences in ``generate``, or ``(batch, seq)`` flattened to rows) repeats each name ``k`` times, in the
+    sample-major order of ``repeat_interleave``.
+
+    Returns:
+        ``(name, rows)`` pairs in order of first appearance, ``rows`` a long tensor of row indices, or
+        ``[(name, None)]`` when every row asks for the same adapter.
+    """
+    names = list(adapter_names)
+    if not names or batch % len(names):
+        raise ValueError(
+            f"adapter_names has {len(names)} entries but the input has {batch} rows; pass one adapter name per "
+            "sample of the batch"
+        )
+    if len(set(names)) == 1:
+        return [(names[0], None)]
+    per_sample = torch.arange(batch).view(len(names), batch // len(names))
+    groups: dict[str, list[int]] = {}
+    for sample, name in enumerate(names):
+        groups.setdefault(name, []).append(sample)
+    return [(name, per_sample[samples].reshape(-1)) for name, samples in groups.items()]
+
+
+def forward_per_adapter(
+    x: torch.Tensor, adapter_names: Sequence[str], run: Callable[[str, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``run(name, rows of x)`` for each group of :func:`split_batch_by_adapter`, reassembled in batch order."""
+    outputs, order = [], []
+    for name, rows in split_batch_by_adapter(adapter_names, x.shape[0]):
+        if rows is None:
+            return run(name, x)
+        rows = rows.to(x.device)
+        outputs.append(run(name, x.index_select(0, rows)))
+        order.append(rows)
+    return torch.cat(outputs).index_select(0, torch.argsort(torch.cat(order)))
 
 
 class AdapterLayer(nn.Module):
@@ -107,14 +151,12 @@ class AdapterLayer(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; call unmerge() before deleting it")
         for attribute in self.adapter_layer_names + self.other_param_names:
-            getattr(self, attribute).pop(adapter_name, None)
-        self._forget_adapter(adapter_name)
+            holder = getattr(self, attribute)
+            if adapter_name in holder:  # nn.ModuleDict.pop takes no default
+                del holder[adapter_name]
         self._active_adapters = [name for name in self._active_adapters if name != adapter_name]
         if not self._active_adapters and self.adapter_names:
             self.set_adapter(self.adapter_names[0])
-
-    def _forget_adapter(self, adapter_name: str) -> None:
-        """Subclass hook: drop per-adapter state outside ``adapter_layer_names`` and ``other_param_names``."""
 
     def _register_new_adapter(self, adapter_name: str, inference_mode: bool) -> None:
         """Activate a freshly created adapter the way peft does (the first one becomes active)."""
@@ -128,15 +170,39 @@ class AdapterLayer(nn.Module):
         return None
 
     # ------------------------------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """Base layer with the active adapters; ``adapter_names`` (inference only) picks one adapter per sample,
+        ``"__base__"`` for none (see :func:`split_batch_by_adapter`)."""
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = [name for name in self._active_adapters if name in self.adapter_names]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         return self._adapted_forward(x, active, *args, **kwargs)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, adapter_names: Sequence[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        if self.training:
+            raise RuntimeError("adapter_names (one adapter per sample) works in inference only; call model.eval()")
+        if self.merged:
+            raise ValueError(
+                f"adapter_names cannot be used while adapters {self.merged_adapters} are merged; unmerge them first"
+            )
+
+        def run(name: str, rows: torch.Tensor) -> torch.Tensor:
+            # "__base__", and an adapter of the model that does not adapt this layer, leave it the base layer.
+            if name in self.adapter_names:
+                return self._adapted_forward(rows, [name], *args, **kwargs)
+            return self.base_layer(rows, *args, **kwargs)
+
+        return forward_per_adapter(x, adapter_names, run)
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError

@@ -203,9 +203,6 @@ class BOFTLayer(AdapterLayer):
         unscaled = weight / self._output_scale(adapter_name).float()
         return butterfly_rotate_activations(unscaled, self.rotation_blocks(adapter_name), self._permutation_index(adapter_name))
 
-    def _forget_adapter(self, adapter_name: str) -> None:
-        return None
-
     def __repr__(self) -> str:
         return "boft." + super().__repr__()
 

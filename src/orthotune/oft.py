@@ -29,6 +29,7 @@ from orthotune.functional import (
     cayley,
     coft_radius,
     drop_blocks_to_identity,
+    drop_factor_blocks_to_identity,
     neumann_norm_bound,
     packed_size,
     project_to_ball,
@@ -65,9 +66,7 @@ class MultiplicativeDropoutLayer(nn.Module):
             return blocks
         if blocks.ndim == 3:
             return drop_blocks_to_identity(blocks, self.p)
-        factor = int(torch.randint(blocks.shape[0], ()).item())
-        dropped = drop_blocks_to_identity(blocks[factor], self.p)
-        return torch.cat([blocks[:factor], dropped.unsqueeze(0), blocks[factor + 1 :]])
+        return drop_factor_blocks_to_identity(blocks, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -142,8 +141,12 @@ class OFTRotationModule(nn.Module):
         return cayley(self.generators(), self.use_cayley_neumann, self.num_cayley_neumann_terms)
 
     def _check_neumann_convergence(self) -> None:
+        # The check reads a value back to the host (a GPU sync, a graph break): skip it when compiling, and
+        # otherwise do it only every few calls, until it has warned once.
+        if self._warned_neumann or torch.compiler.is_compiling():
+            return
         self._calls += 1
-        if self._warned_neumann or torch.compiler.is_compiling() or (self._calls - 1) % _NEUMANN_CHECK_EVERY:
+        if (self._calls - 1) % _NEUMANN_CHECK_EVERY:
             return
         with torch.no_grad():
             bound = float(neumann_norm_bound(self.weight.float()).max())

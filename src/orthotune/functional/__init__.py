@@ -24,7 +24,7 @@ from orthotune.functional.cayley import (
     orthogonality_error,
 )
 from orthotune.functional.coft import coft_radius, project_to_ball
-from orthotune.functional.dropout import drop_blocks_to_identity
+from orthotune.functional.dropout import drop_blocks_to_identity, drop_factor_blocks_to_identity
 from orthotune.functional.rotate import block_diagonal, rotate_activations, rotate_weight, unrotate_weight
 from orthotune.functional.skew import (
     block_size_from_packed,
@@ -48,6 +48,7 @@ __all__ = [
     "cayley_neumann",
     "coft_radius",
     "drop_blocks_to_identity",
+    "drop_factor_blocks_to_identity",
     "neumann_norm_bound",
     "orthogonality_error",
     "packed_from_skew",

@@ -13,6 +13,26 @@ from __future__ import annotations
 
 import torch
 
+#: Blocks narrower than this are multiplied as block-diagonal tiles of about this width: a batched matmul of
+#: many tiny (say 8 × 8) matrices runs at a fraction of the speed of fewer 32 × 32 ones, and the extra zeros
+#: cost far less than they save.
+TILE_WIDTH = 32
+
+
+def tile_blocks(blocks: torch.Tensor, width: int = TILE_WIDTH) -> torch.Tensor:
+    """Group ``(D, b, b)`` blocks into ``(D/k, k·b, k·b)`` block-diagonal tiles, ``k·b ≤ width`` (``k | D``).
+
+    The tiled rotation is the same matrix: ``rotate_activations(x, tile_blocks(B)) == rotate_activations(x, B)``.
+    """
+    num_blocks, block_size, _ = blocks.shape
+    per_tile = max(k for k in range(1, max(1, width // block_size) + 1) if num_blocks % k == 0)
+    if per_tile == 1:
+        return blocks
+    diagonal = torch.arange(per_tile, device=blocks.device)
+    tiles = blocks.new_zeros(num_blocks // per_tile, per_tile, block_size, per_tile, block_size)
+    tiles[:, diagonal, :, diagonal, :] = blocks.view(-1, per_tile, block_size, block_size).transpose(0, 1)
+    return tiles.view(num_blocks // per_tile, per_tile * block_size, per_tile * block_size)
+
 
 def rotate_activations(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``x R`` for block-diagonal ``R``.
@@ -32,6 +52,9 @@ def rotate_activations(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
             f"x has {x.shape[-1]} features but the rotation has {num_blocks} blocks of {block_size}; "
             "the last dimension of x must be num_blocks * block_size"
         )
+    if block_size < TILE_WIDTH:
+        blocks = tile_blocks(blocks)
+        num_blocks, block_size, _ = blocks.shape
     # One batched matmul over blocks, tokens in the middle: measurably faster than einsum's own layout.
     by_block = x.reshape(-1, num_blocks, block_size).transpose(0, 1)
     return torch.bmm(by_block, blocks).transpose(0, 1).reshape(x.shape)

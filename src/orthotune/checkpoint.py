@@ -1,0 +1,345 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``, exactly as peft 0.21.2 writes them.
+
+Keys are the model's state-dict keys under ``base_model.model.`` with the adapter name left out::
+
+    base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight     (r, b(b-1)/2)    OFT
+    base_model.model.model.embed_tokens.oft_embedding_R.weight         (r, b(b-1)/2)    OFT on an embedding
+    base_model.model.bert.encoder.layer.0.attention.self.query.boft_R (m, N, b, b)     BOFT
+    base_model.model.bert.encoder.layer.0.attention.self.query.boft_s (out, 1)         BOFT
+    base_model.model.classifier.weight                                                  modules_to_save
+
+One convention differs and is mapped on the way in and out: peft's exact Cayley mode
+(``use_cayley_neumann=False``) computes the transposed rotation of its Neumann mode and of orthotune, so in
+files with that setting ``oft_R`` holds the negated generators (``R(-Q) = R(Q)ᵀ``).
+
+Reading never unpickles (JSON and safetensors only) and checks everything before a model is touched; writing
+is atomic (a temporary file in the same directory, then ``os.replace``), so a crash keeps the previous files.
+
+Old peft OFT files (``oft_r`` square blocks and ``oft_s`` scales, peft 0.14–0.15) are converted exactly:
+that OFT computed ``x ↦ (x M Wᵀ)·s + b`` with ``M = diag((I - S)(I + S)⁻¹)``, ``S = (A - Aᵀ)/2``, which is
+a one-factor BOFT adapter with ``boft_R = A`` and ``boft_s = s``. Files of peft ≤ 0.13 (no ``oft_block_size``,
+a rotation of the outputs) are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from orthotune.adapter_layer import AdapterLayer
+from orthotune.base_layer import LayerKind
+from orthotune.boft import BOFTLayer
+from orthotune.config import CONFIG_NAME, AdapterConfig, BOFTConfig, OFTConfig, read_config_file
+from orthotune.oft import OFTLayer
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+#: Prefix of every key in an adapter file: peft's ``PeftModel.base_model.model``.
+MODEL_PREFIX = "base_model.model."
+_ROTATION_SUFFIXES = (".oft_R.weight", ".oft_embedding_R.weight")
+_LEGACY_SUFFIXES = (".oft_r", ".oft_s")
+
+
+class AdapterFileError(ValueError):
+    """An adapter file that cannot be loaded into this model; the model is left as it was."""
+
+
+# ------------------------------------------------------------------------------------------------- writing
+def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically (same-directory temporary file, fsync, ``os.replace``)."""
+    temporary = _temporary_path(path)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+
+
+def _temporary_path(path: str | os.PathLike[str]) -> str:
+    directory, name = os.path.split(os.fspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
+    os.close(handle)
+    return temporary
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+def save_adapter_files(
+    directory: str | os.PathLike[str], config: AdapterConfig, tensors: Mapping[str, torch.Tensor]
+) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``directory``.
+
+    ``tensors`` are in orthotune's convention; they are written in peft's. Both files are written completely
+    to temporary files before either replaces its predecessor, so an interrupted save leaves the previous pair.
+    """
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    weights_path = os.path.join(directory, WEIGHTS_NAME)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    to_save = {key: _clone_for_file(tensor) for key, tensor in to_peft_convention(config, tensors).items()}
+    weights_temporary = _temporary_path(weights_path)
+    config_temporary = _temporary_path(config_path)
+    try:
+        save_file(to_save, weights_temporary, metadata={"format": "pt"})
+        with open(config_temporary, "wb") as handle:
+            handle.write(config.to_json_string().encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(weights_temporary, weights_path)
+        os.replace(config_temporary, config_path)
+    except BaseException:
+        _remove_quietly(weights_temporary)
+        _remove_quietly(config_temporary)
+        raise
+
+
+def _clone_for_file(tensor: torch.Tensor) -> torch.Tensor:
+    # A fresh contiguous CPU copy: safetensors refuses tensors that share storage (tied weights).
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def to_peft_convention(config: AdapterConfig, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map tensors between orthotune's and peft's convention (an involution: the same call maps back).
+
+    Only OFT rotation generators in exact Cayley mode differ: peft's exact mode means ``R(-Q)``.
+    """
+    flip = isinstance(config, OFTConfig) and not config.use_cayley_neumann
+    return {key: -tensor if flip and key.endswith(_ROTATION_SUFFIXES) else tensor for key, tensor in tensors.items()}
+
+
+# ------------------------------------------------------------------------------------------------- reading
+@dataclass
+class AdapterFile:
+    """The content of an adapter directory, checked and in orthotune's convention.
+
+    Attributes:
+        config: the adapter's config (a :class:`BOFTConfig` for a converted old OFT file).
+        tensors: file keys to CPU tensors.
+        source: the directory, for error messages.
+        legacy_oft: the old OFT config when the file holds peft ≤ 0.15 ``oft_r``/``oft_s`` tensors still to be
+            converted by :func:`convert_legacy_oft` (which needs the model's layer widths).
+    """
+
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    source: str
+    legacy_oft: dict[str, Any] | None = None
+
+
+def read_adapter_files(directory: str | os.PathLike[str]) -> AdapterFile:
+    """Read and check an adapter directory written by orthotune or by peft (any version that can be mapped)."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"adapter directory {directory!r} does not exist; orthotune loads adapters from a local directory "
+            "(download one with huggingface_hub.snapshot_download first)"
+        )
+    raw = read_config_file(os.path.join(directory, CONFIG_NAME))
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{directory}/{CONFIG_NAME} must hold a JSON object")
+    tensors = _read_safetensors(directory)
+    is_legacy = any(key.endswith(_LEGACY_SUFFIXES) for key in tensors)
+    if raw.get("peft_type") == "OFT" and "oft_block_size" not in raw:
+        raise AdapterFileError(
+            f"{directory} holds an OFT adapter written by peft ≤ 0.13 (its config has no oft_block_size): that "
+            "OFT rotated the layer outputs, which no current OFT adapter can express; load it with peft 0.13, "
+            "or train a new adapter"
+        )
+    if raw.get("peft_type") == "OFT" and is_legacy:
+        return AdapterFile(_legacy_boft_config(raw), tensors, directory, legacy_oft=raw)
+    if is_legacy:
+        raise AdapterFileError(f"{directory} mixes old peft OFT keys (oft_r, oft_s) into a {raw.get('peft_type')} file")
+    raw = _peft_neumann_terms(raw, directory)
+    config = AdapterConfig.from_dict(raw)
+    return AdapterFile(config, to_peft_convention(config, tensors), directory)
+
+
+def _read_safetensors(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(f"{directory}/{name}")]
+        hint = (
+            f"; {pickled[0]} is a pickle file, which orthotune never loads (it can run code): convert it with "
+            "peft, which writes safetensors by default"
+            if pickled
+            else ""
+        )
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}{hint}")
+    try:
+        tensors = load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({error}); the file is damaged") from error
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterFileError(f"{path}: {key} has dtype {tensor.dtype}; adapter weights are floating point")
+        if not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{path}: {key} holds NaN or infinite values; the adapter is broken")
+    return tensors
+
+
+def _version(text: Any) -> tuple[int, ...]:
+    numbers = re.findall(r"\d+", str(text).partition("@")[0])[:3]
+    return tuple(int(number) for number in numbers) if numbers else (0,)
+
+
+def _peft_neumann_terms(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """peft's series with ``n`` terms is the Cayley-Neumann truncation only for ``n ≥ 4``; map or refuse the rest."""
+    if raw.get("peft_type") != "OFT" or not raw.get("use_cayley_neumann", True):
+        return raw
+    terms = raw.get("num_cayley_neumann_terms", 5)
+    written_by = raw.get("peft_version")  # peft writes it since 0.18
+    if written_by is None or _version(written_by) < (0, 18):
+        warnings.warn(
+            f"{source} was written by peft {written_by or '< 0.18'}, whose Cayley-Neumann series (all terms "
+            "doubled) peft 0.18 replaced; like peft, orthotune applies the current series, so outputs differ "
+            "slightly from those in training",
+            stacklevel=3,
+        )
+    if terms == 3:  # peft's 3-term series is I + 2Q + 2Q² + Q³: the 4-term truncation
+        return {**raw, "num_cayley_neumann_terms": 4}
+    if isinstance(terms, int) and terms < 3:
+        raise AdapterFileError(
+            f"{source}: num_cayley_neumann_terms={terms} makes peft compute {'I' if terms < 2 else 'I + 2Q'}, which "
+            "is not a rotation orthotune can represent; load it with peft"
+        )
+    return raw
+
+
+# ------------------------------------------------------------------------------------------ keys of a model
+def layer_tensors(module_name: str, layer: AdapterLayer, adapter_name: str) -> dict[str, torch.Tensor]:
+    """File keys of one adapter in one adapted layer, to its parameters."""
+    prefix = f"{MODEL_PREFIX}{module_name}."
+    if isinstance(layer, OFTLayer):
+        key = "oft_embedding_R" if layer.kind is LayerKind.EMBEDDING else "oft_R"
+        return {f"{prefix}{key}.weight": layer.oft_R[adapter_name].weight}
+    if isinstance(layer, BOFTLayer):
+        return {f"{prefix}boft_R": layer.boft_R[adapter_name], f"{prefix}boft_s": layer.boft_s[adapter_name]}
+    raise TypeError(f"{type(layer).__name__} at {module_name!r} is not an OFT or BOFT layer")
+
+
+def module_tensors(module_name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """File keys of a module saved in full (``modules_to_save``, a bias, an embedding), to its tensors."""
+    prefix = f"{MODEL_PREFIX}{module_name}." if module_name else MODEL_PREFIX
+    return {f"{prefix}{name}": tensor for name, tensor in module.state_dict(keep_vars=True).items()}
+
+
+def check_tensors(
+    file: AdapterFile, required: Mapping[str, torch.Tensor], optional: Mapping[str, torch.Tensor]
+) -> None:
+    """Every required key present, no key unknown, every shape right; or an :class:`AdapterFileError`."""
+    missing = sorted(set(required) - set(file.tensors))
+    unexpected = sorted(set(file.tensors) - set(required) - set(optional))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[:3]}")
+    for key, tensor in file.tensors.items():
+        target = required.get(key, optional.get(key))
+        if target is not None and tuple(tensor.shape) != tuple(target.shape):
+            problems.append(f"{key} has shape {tuple(tensor.shape)} in the file but {tuple(target.shape)} in the model")
+            if len(problems) > 5:
+                break
+    if problems:
+        raise AdapterFileError(
+            f"the adapter in {file.source} does not fit this model ({file.config.peft_type}, target_modules="
+            f"{file.config.target_modules!r}): " + "; ".join(problems) + ". Is it an adapter for another model?"
+        )
+
+
+def copy_tensors(file: AdapterFile, targets: Mapping[str, torch.Tensor]) -> None:
+    """Copy the file's tensors into ``targets`` (same keys, checked by :func:`check_tensors`)."""
+    with torch.no_grad():
+        for key, target in targets.items():
+            if key in file.tensors:
+                target.copy_(file.tensors[key])
+
+
+# -------------------------------------------------------------------------------------------- old peft OFT
+def _legacy_boft_config(raw: dict[str, Any]) -> BOFTConfig:
+    shared = {
+        key: raw[key]
+        for key in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
+                    "init_weights", "fan_in_fan_out", "task_type", "inference_mode", "base_model_name_or_path",
+                    "revision", "auto_mapping")
+        if key in raw
+    }
+    r, block_size = raw.get("r", 0), raw.get("oft_block_size", 0)
+    return BOFTConfig(
+        **shared,
+        boft_block_size=0 if r else block_size,
+        boft_block_num=r,
+        boft_n_butterfly_factor=1,
+        boft_dropout=raw.get("module_dropout", 0.0),
+        bias={"oft_only": "boft_only"}.get(raw.get("bias", "none"), raw.get("bias", "none")),
+    )
+
+
+def convert_legacy_oft(file: AdapterFile, layers: Mapping[str, AdapterLayer]) -> None:
+    """Turn peft ≤ 0.15 ``oft_r``/``oft_s`` tensors into the exact one-factor BOFT adapter, in place.
+
+    Args:
+        file: as read, with ``legacy_oft`` set.
+        layers: planned BOFT layers by module name (their widths decide the old COFT radius).
+
+    peft 0.14–0.15 made blocks from ``A`` by ``(I - S)(I + S)⁻¹``, ``S = (A - Aᵀ)/2`` (one block repeated with
+    ``block_share``), and with ``coft`` first rescaled each ``A`` to Frobenius norm at most
+    ``eps·⌈out/r⌉² / √(stored blocks)``; orthotune's BOFT makes ``(I + Q)(I - Q)⁻¹`` with
+    ``Q = (Aᵀ - A)/2``: the same matrix.
+    """
+    raw = file.legacy_oft
+    assert raw is not None
+    coft, eps = bool(raw.get("coft", False)), float(raw.get("eps", 6e-5))
+    converted: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        prefix = f"{MODEL_PREFIX}{name}."
+        if f"{prefix}oft_r" not in file.tensors:
+            continue
+        if layer.kind is not LayerKind.LINEAR:
+            raise AdapterFileError(
+                f"{file.source}: the old peft (≤ 0.15) OFT adapter of {name!r} adapts a {layer.kind.value} layer, "
+                "whose old forward ignored the layer's dilation and non-square kernels; only linear layers are "
+                "converted; load it with peft 0.15"
+            )
+        blocks = file.tensors.pop(f"{prefix}oft_r").float()
+        scale = file.tensors.pop(f"{prefix}oft_s", None)
+        block_size = blocks.shape[-1]
+        num_blocks = layer.rotated_features // block_size
+        if coft:
+            radius = eps * math.ceil(layer.out_features / num_blocks) ** 2 / math.sqrt(blocks.shape[0])
+            norms = torch.linalg.matrix_norm(blocks, keepdim=True)
+            blocks = torch.where(norms <= radius, blocks, blocks * (radius / norms))
+        if blocks.shape[0] == 1:
+            blocks = blocks.expand(num_blocks, -1, -1)
+        converted[f"{prefix}boft_R"] = blocks.unsqueeze(0).contiguous()
+        converted[f"{prefix}boft_s"] = torch.ones(layer.out_features, 1) if scale is None else scale
+    leftover = sorted(key for key in file.tensors if key.endswith(_LEGACY_SUFFIXES))
+    if leftover:
+        raise AdapterFileError(f"{file.source}: old OFT tensors {leftover[:3]} fit no targeted layer of this model")
+    file.tensors.update(converted)
+    file.legacy_oft = None
+    logger.info("converted the peft ≤ 0.15 OFT adapter in %s into an exact one-factor BOFT adapter", file.source)

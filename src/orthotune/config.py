@@ -1,0 +1,305 @@
+"""Adapter configurations: :class:`OFTConfig` and :class:`BOFTConfig`, with peft 0.21.2's fields and meanings.
+
+A config is what ``adapter_config.json`` holds. The file is peft's: the same keys, the same values, concrete
+integers for block sizes, and ``"peft_type"`` naming the method, so either library reads what the other wrote::
+
+    OFTConfig(r=8, target_modules=["q_proj", "v_proj"])         # 8 blocks per layer, block size derived
+    OFTConfig(oft_block_size=32, target_modules="all-linear")   # blocks of 32, every linear layer but the head
+    BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["query", "value"])
+
+Differences from peft, all on the side of failing early: ``OFTConfig(r=8)`` works without also clearing
+``oft_block_size`` (it defaults to 32 only when ``r`` is 0); every field is checked when the config is made,
+and the error names the field, its value and the fix; a file of another ``peft_type`` is refused by name.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+logger = logging.getLogger(__name__)
+
+#: The peft release whose adapter files orthotune reads and writes; written as ``peft_version``.
+PEFT_FORMAT_VERSION = "0.21.2"
+CONFIG_NAME = "adapter_config.json"
+#: ``target_modules`` shorthand for every linear layer except the output head.
+ALL_LINEAR = "all-linear"
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+
+def _names(value: Any, argument: str) -> list[str] | str | None:
+    """``target_modules``-like values: ``None``, a regex string, or a duplicate-free list of names."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (set, frozenset)):
+        value = sorted(value)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(name, str) for name in value):
+        raise ValueError(
+            f"{argument}={value!r} must be a list of module names or one regex string, e.g. ['q_proj', 'v_proj']"
+        )
+    return list(dict.fromkeys(value))
+
+
+def _check_int(argument: str, value: Any, minimum: int = 0) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{argument}={value!r} must be an integer ≥ {minimum}")
+
+
+def _check_probability(argument: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{argument}={value!r} is not a probability in [0, 1); use e.g. 0.0 (off) or 0.1")
+
+
+def _check_bool(argument: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{argument}={value!r} must be True or False")
+
+
+def _check_exactly_one(count: tuple[str, int], size: tuple[str, int], example: str) -> None:
+    """A number of blocks and a block size whose product is the layer width: exactly one may be set."""
+    for argument, value in (count, size):
+        _check_int(argument, value)
+    (count_name, count_value), (size_name, size_value) = count, size
+    if not count_value and not size_value:
+        raise ValueError(f"{count_name}=0 and {size_name}=0: set one of them, e.g. {example}")
+    if count_value and size_value:
+        raise ValueError(
+            f"{count_name}={count_value} and {size_name}={size_value}: set only one, since their product is the "
+            f"layer width; e.g. {example}"
+        )
+
+
+@dataclass
+class AdapterConfig:
+    """Fields every adapter config shares with peft's ``PeftConfig`` (see :class:`OFTConfig` for their meaning)."""
+
+    PEFT_TYPE: ClassVar[str] = ""
+    #: The method's own ``bias`` choice besides ``"none"`` and ``"all"`` (``"oft_only"``, ``"boft_only"``).
+    _BIAS_ONLY: ClassVar[str] = ""
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+    init_weights: bool = True
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    auto_mapping: dict[str, Any] | None = None
+    #: The peft version that wrote the file this config was read from (``None`` for a config made in code).
+    peft_version: str | None = field(default=None, compare=False)
+    peft_type: str = ""
+    #: Keys of a file that this version does not know, kept so that saving writes them back unchanged.
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.peft_type and self.peft_type != self.PEFT_TYPE:
+            raise ValueError(f"peft_type={self.peft_type!r} does not match {type(self).__name__}; leave it out")
+        self.peft_type = self.PEFT_TYPE
+        self.target_modules = _names(self.target_modules, "target_modules")
+        self.exclude_modules = _names(self.exclude_modules, "exclude_modules")
+        self.layers_pattern = _names(self.layers_pattern, "layers_pattern")
+        if self.modules_to_save is not None:
+            names = _names(self.modules_to_save, "modules_to_save")
+            if isinstance(names, str):
+                raise ValueError(f"modules_to_save={names!r} must be a list of module names, e.g. ['classifier']")
+            self.modules_to_save = names
+        layers = self.layers_to_transform
+        if layers is not None:
+            if isinstance(layers, (list, tuple)):
+                for index in layers:
+                    _check_int("layers_to_transform", index)
+                self.layers_to_transform = list(layers)
+            else:
+                _check_int("layers_to_transform", layers)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(
+                f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (the layer indices to adapt)"
+            )
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            warnings.warn(
+                f"layers_to_transform={self.layers_to_transform!r} is ignored when target_modules is a regex (as in "
+                "peft); put the layer indices into the regex, or give target_modules as a list of names",
+                stacklevel=3,
+            )
+        allowed_bias = ("none", "all", self._BIAS_ONLY)
+        if self.bias not in allowed_bias:
+            raise ValueError(f"bias={self.bias!r} must be one of {list(allowed_bias)}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(f"task_type={self.task_type!r} must be None or one of {list(TASK_TYPES)}")
+        if self.init_weights not in (True, False):
+            raise ValueError(f"init_weights={self.init_weights!r} must be True (identity) or False (random)")
+        _check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        _check_bool("inference_mode", self.inference_mode)
+
+    # ---------------------------------------------------------------------------------------------- dict
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict of ``adapter_config.json``, as peft 0.21.2 writes it."""
+        data = dict(self.extra)
+        for item in dataclasses.fields(self):
+            if item.name != "extra":
+                data[item.name] = copy.deepcopy(getattr(self, item.name))
+        data["peft_version"] = PEFT_FORMAT_VERSION
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """The config a dict describes: an :class:`OFTConfig` or :class:`BOFTConfig` by its ``peft_type``.
+
+        Keys this version does not know are kept (and written back when saving) with a warning; a
+        ``peft_type`` other than ``"OFT"`` and ``"BOFT"`` is refused.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"an adapter config must be a JSON object, not {type(data).__name__}")
+        peft_type = data.get("peft_type", cls.PEFT_TYPE or None)
+        config_classes = {config_class.PEFT_TYPE: config_class for config_class in (OFTConfig, BOFTConfig)}
+        if peft_type not in config_classes:
+            raise ValueError(
+                f"peft_type={peft_type!r}: orthotune reads OFT and BOFT adapters only; "
+                + ("this is another kind of peft adapter, load it with peft" if peft_type else "the key is missing")
+            )
+        config_class = config_classes[peft_type]
+        if cls.PEFT_TYPE and config_class is not cls:
+            raise ValueError(f"peft_type={peft_type!r} is not a {cls.__name__}; use AdapterConfig.from_dict")
+        known = {item.name for item in dataclasses.fields(config_class)} - {"extra"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"adapter config keys {unknown} are unknown to orthotune (written by a newer peft?); they are "
+                "ignored here and written back unchanged when saving",
+                stacklevel=2,
+            )
+        kwargs = {key: value for key, value in data.items() if key in known}
+        return config_class(**kwargs, extra={key: data[key] for key in unknown})
+
+    # ---------------------------------------------------------------------------------------------- file
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (atomically: a crash keeps the old file)."""
+        from orthotune.checkpoint import write_atomic
+
+        os.makedirs(save_directory, exist_ok=True)
+        write_atomic(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str]) -> AdapterConfig:
+        """Read ``adapter_config.json`` from a local directory (JSON only, nothing is unpickled)."""
+        return cls.from_dict(read_config_file(os.path.join(directory, CONFIG_NAME)))
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in ``path``, or a ``ValueError`` that says what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no adapter config at {os.fspath(path)!r}; save one with save_pretrained(directory)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{os.fspath(path)!r} is not valid JSON ({error}); the file is damaged") from error
+
+
+@dataclass
+class OFTConfig(AdapterConfig):
+    """Orthogonal fine-tuning (OFT; Qiu et al., 2023) of a whole model, as peft 0.21.2's ``OFTConfig``.
+
+    Args:
+        r: number of rotation blocks per adapted layer; 0 to derive it from ``oft_block_size``.
+        oft_block_size: size ``b`` of each block; ``None`` means 32 when ``r`` is 0 and 0 (derived) otherwise.
+            Exactly one of ``r`` and ``oft_block_size`` is non-zero; a value that does not divide a layer's
+            width is moved to the nearest divisor with a warning.
+        module_dropout: multiplicative dropout: the fraction of blocks set to the identity in each training step.
+        coft: constrained OFT: keep each generator within ``eps`` of zero (``eps/√r`` for ``r`` blocks).
+        eps: the COFT radius.
+        block_share: one block shared along the whole width.
+        use_cayley_neumann: Cayley-Neumann series instead of the exact Cayley transform (same rotation).
+        num_cayley_neumann_terms: terms of that series (at least 4: peft's series with fewer terms is a
+            different polynomial).
+        target_modules: module names (a module is adapted when its full name equals or ends with ``.name``), one
+            regex matched against the full name, or ``"all-linear"``; ``None`` uses the model type's default.
+        exclude_modules: names or a regex, as ``target_modules``, of modules never adapted.
+        layers_to_transform: layer indices to adapt (with a list ``target_modules`` only).
+        layers_pattern: name of the ``nn.ModuleList`` holding the layers, e.g. ``"layers"`` or ``"h"``.
+        modules_to_save: modules (e.g. a new classifier head) trained in full and saved with the adapter.
+        bias: ``"none"``, ``"all"`` or ``"oft_only"``: which biases train (and are saved with the adapter).
+        init_weights: ``True`` starts from the identity rotation, ``False`` from small random rotations.
+        fan_in_fan_out: kept for peft; the weight layout of every layer is detected.
+        task_type: peft's task type; ``"SEQ_CLS"`` and ``"TOKEN_CLS"`` add the classifier head to
+            ``modules_to_save`` and ``"QUESTION_ANS"`` the ``qa_outputs`` head, as peft does.
+        inference_mode: adapters are frozen.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "OFT"
+    _BIAS_ONLY: ClassVar[str] = "oft_only"
+
+    r: int = 0
+    oft_block_size: int | None = None
+    module_dropout: float = 0.0
+    coft: bool = False
+    eps: float = 6e-5
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.oft_block_size is None:
+            self.oft_block_size = 32 if self.r == 0 else 0
+        _check_exactly_one(("r", self.r), ("oft_block_size", self.oft_block_size), "r=8 or oft_block_size=32")
+        _check_probability("module_dropout", self.module_dropout)
+        _check_bool("coft", self.coft)
+        _check_bool("block_share", self.block_share)
+        _check_bool("use_cayley_neumann", self.use_cayley_neumann)
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise ValueError(f"eps={self.eps!r} must be a positive number (the COFT radius); peft's default is 6e-5")
+        _check_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms)
+        if self.use_cayley_neumann and self.num_cayley_neumann_terms < 4:
+            raise ValueError(
+                f"num_cayley_neumann_terms={self.num_cayley_neumann_terms} is too few: with fewer than 4 terms peft's "
+                "series is another polynomial than the Cayley-Neumann truncation, so the adapter file would mean "
+                "different rotations in the two libraries; use 5 (the default) or use_cayley_neumann=False"
+            )
+
+
+@dataclass
+class BOFTConfig(AdapterConfig):
+    """Butterfly orthogonal fine-tuning (BOFT; Liu et al., 2024) of a whole model, as peft 0.21.2's ``BOFTConfig``.
+
+    Args:
+        boft_block_size: size ``b`` of each block; 0 to derive it from ``boft_block_num``.
+        boft_block_num: number of blocks per factor; 0 to derive it from ``boft_block_size``. Exactly one of
+            the two is non-zero.
+        boft_n_butterfly_factor: number ``m`` of butterfly factors (1 is plain block-diagonal OFT). Unlike peft,
+            ``m > 1`` works on every device.
+        boft_dropout: multiplicative dropout: the fraction of one factor's blocks set to the identity per step.
+        bias: ``"none"``, ``"all"`` or ``"boft_only"``.
+
+    The other fields mean what they mean in :class:`OFTConfig`.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "BOFT"
+    _BIAS_ONLY: ClassVar[str] = "boft_only"
+
+    boft_block_size: int = 4
+    boft_block_num: int = 0
+    boft_n_butterfly_factor: int = 1
+    boft_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_exactly_one(
+            ("boft_block_num", self.boft_block_num), ("boft_block_size", self.boft_block_size), "boft_block_size=4"
+        )
+        _check_int("boft_n_butterfly_factor", self.boft_n_butterfly_factor, minimum=1)
+        _check_probability("boft_dropout", self.boft_dropout)
