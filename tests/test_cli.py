@@ -29,7 +29,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n", encoding="utf-8")
     tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
     config = transformers.BertConfig(
-        vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=len(WORDS) + 5,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
         max_position_embeddings=32,
     )
     torch.manual_seed(0)
@@ -132,10 +136,14 @@ def _leftovers(directory: Path) -> list[str]:
         (["--data", "{tmp}/missing.csv"], ["missing.csv does not exist", "CSV or JSON Lines"]),
         (["--data", "{csv}", "--text-column", "review"], ["no column 'review'", "--text-column", "'sentence'"]),
         (["--data", "{csv}", "--text-column", "sentence", "--label-column", "stars"], ["no column 'stars'"]),
-        (["--data", "{csv}", "--text-column", "sentence", "--label-column", "sentiment", "--task", "regression"],
-         ["'pos'", "not a finite number", "--task classification"]),
-        (["--data", "{csv}", "--text-column", "sentence", "--label-column", "score", "--task", "classification"],
-         ["a fraction, not a class", "--task regression"]),
+        (
+            ["--data", "{csv}", "--text-column", "sentence", "--label-column", "sentiment", "--task", "regression"],
+            ["'pos'", "not a finite number", "--task classification"],
+        ),
+        (
+            ["--data", "{csv}", "--text-column", "sentence", "--label-column", "score", "--task", "classification"],
+            ["a fraction, not a class", "--task regression"],
+        ),
         (["--model", "{tmp}/no-such-model"], ["no-such-model does not exist", "local transformers model directory"]),
         (["--model", "{tmp}"], ["no config.json"]),
         (["--model", "{broken}"], ["cannot be loaded", "save_pretrained"]),
@@ -150,14 +158,22 @@ def _leftovers(directory: Path) -> list[str]:
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_model: Path, csv_file: Path, argv: list[str],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    tiny_model: Path,
+    csv_file: Path,
+    argv: list[str],
     fragments: list[str],
 ) -> None:
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "no-such-architecture"}', encoding="utf-8")
-    defaults = {"--model": str(tiny_model), "--data": str(csv_file), "--text-column": "sentence",
-                "--label-column": "sentiment"}
+    defaults = {
+        "--model": str(tiny_model),
+        "--data": str(csv_file),
+        "--text-column": "sentence",
+        "--label-column": "sentiment",
+    }
     argv = [arg.format(tmp=tmp_path, csv=csv_file, broken=broken) for arg in argv]
     for option, value in defaults.items():
         if option not in argv:
@@ -198,7 +214,10 @@ def test_bad_data_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
 
 
 def test_failure_while_saving_leaves_nothing(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    tiny_model: Path,
     csv_file: Path,
 ) -> None:
     def half_save(directory: Path, *args: object, **kwargs: object) -> None:
@@ -207,8 +226,23 @@ def test_failure_while_saving_leaves_nothing(
 
     monkeypatch.setattr(cli, "_save", half_save)
     output = tmp_path / "new" / "adapter"
-    status, _, err = run(capsys, "finetune", "--model", str(tiny_model), "--data", str(csv_file), "--text-column",
-                         "sentence", "--label-column", "sentiment", "--epochs", "0.1", "--output", str(output), "--quiet")
+    status, _, err = run(
+        capsys,
+        "finetune",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(csv_file),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+        "--epochs",
+        "0.1",
+        "--output",
+        str(output),
+        "--quiet",
+    )
     assert_one_line_error(status, err, "disk full", "nothing was written")
     assert not (tmp_path / "new").exists()
 
@@ -221,14 +255,39 @@ def test_finetune_classification_end_to_end(
     output.mkdir()
     (output / "stale.txt").write_text("old run", encoding="utf-8")
     status, out, err = run(
-        capsys, "finetune", "--model", str(tiny_model), "--data", str(csv_file), "--text-column", "sentence",
-        "--label-column", "sentiment", "--epochs", "3", "--batch-size", "8", "--block-size", "8", "--lr", "1e-2",
-        "--output", str(output), "--overwrite", "--merge",
+        capsys,
+        "finetune",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(csv_file),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--block-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--output",
+        str(output),
+        "--overwrite",
+        "--merge",
     )
     assert status == 0, err
     files = set(_leftovers(output))
-    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json",
-            "metrics.json", "merged"} <= files
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "head.safetensors",
+        "head_config.json",
+        "metrics.json",
+        "merged",
+    } <= files
     assert "stale.txt" not in files
     assert _leftovers(tmp_path) == ["adapter", "train.csv"]  # no staging directory left behind
     assert (output / "merged" / "config.json").is_file()
@@ -263,9 +322,29 @@ def test_finetune_boft_regression_on_jsonl(
 ) -> None:
     output = tmp_path / "boft"
     status, out, err = run(
-        capsys, "finetune", "--model", str(tiny_model), "--data", str(jsonl_file), "--label-column", "rating",
-        "--method", "boft", "--block-size", "4", "--butterfly-factors", "2", "--target-modules", "query,value",
-        "--epochs", "1", "--batch-size", "16", "--output", str(output), "--quiet",
+        capsys,
+        "finetune",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(jsonl_file),
+        "--label-column",
+        "rating",
+        "--method",
+        "boft",
+        "--block-size",
+        "4",
+        "--butterfly-factors",
+        "2",
+        "--target-modules",
+        "query,value",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--output",
+        str(output),
+        "--quiet",
     )
     assert status == 0, err
     assert err == ""  # --quiet: no progress bar

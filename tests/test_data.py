@@ -15,12 +15,17 @@ from orthotune.finetune import pearson
 def test_csv_tsv_and_jsonl_read_the_same(tmp_path: Path) -> None:
     rows = [("good day", "1"), ("bad, sad", "0"), ('"quoted"', "1")]
     csv_path = tmp_path / "a.csv"
-    csv_path.write_text("\ufeffid,text,label\n" + "".join(f'{i},"{t.replace(chr(34), 2 * chr(34))}",{y}\n'
-                                                      for i, (t, y) in enumerate(rows)), encoding="utf-8")
+    csv_path.write_text(
+        "\ufeffid,text,label\n"
+        + "".join(f'{i},"{t.replace(chr(34), 2 * chr(34))}",{y}\n' for i, (t, y) in enumerate(rows)),
+        encoding="utf-8",
+    )
     tsv_path = tmp_path / "a.tsv"
     tsv_path.write_text("text\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8")
     jsonl_path = tmp_path / "a.jsonl"
-    jsonl_path.write_text("\n".join(json.dumps({"text": t, "label": int(y)}) for t, y in rows) + "\n\n", encoding="utf-8")
+    jsonl_path.write_text(
+        "\n".join(json.dumps({"text": t, "label": int(y)}) for t, y in rows) + "\n\n", encoding="utf-8"
+    )
     texts = [t for t, _ in rows]
     assert read_table(csv_path, "text", "label") == (texts, ["1", "0", "1"])  # the BOM does not hide "id"
     assert read_table(tsv_path, "text", "label") == (texts, ["1", "0", "1"])

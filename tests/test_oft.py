@@ -550,6 +550,8 @@ def test_half_precision_layers_keep_fp32_parameters_and_save_no_fp32_activations
     set_random_packed(fp32_reference, "a", scale=0.3)
     assert layer.oft_R["a"].weight.dtype == torch.float32
     assert layer.oft_R["a"].rotation_blocks().dtype == torch.float32
+    # Built in fp32 even when a user casts the adapter itself to half precision.
+    assert copy.deepcopy(layer).to(dtype).oft_R["a"].rotation_blocks().dtype == torch.float32
     saved: list[tuple[torch.dtype, tuple[int, ...]]] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -828,6 +830,7 @@ def test_neumann_mode_warns_once_when_a_block_nears_divergence() -> None:
     with pytest.warns(UserWarning, match="Neumann"):
         layer(x)
     assert _neumann_warnings(lambda: layer(x)) == []
+    assert _neumann_warnings(lambda: [layer(x) for _ in range(70)]) == []  # nor on any later periodic check
 
 
 def test_neumann_mode_does_not_warn_for_small_generators() -> None:

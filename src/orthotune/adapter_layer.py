@@ -24,6 +24,12 @@ from orthotune.base_layer import LayerKind, in_out_features, layer_kind, rotated
 logger = logging.getLogger(__name__)
 
 
+def check_init_weights(init_weights: object) -> None:
+    """peft's ``init_weights`` values: ``True`` (identity) or ``False`` (random)."""
+    if init_weights is not True and init_weights is not False:
+        raise ValueError(f"init_weights={init_weights!r} is not supported; use True (identity) or False (random)")
+
+
 def _as_name_list(names: str | Iterable[str]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
@@ -88,6 +94,8 @@ class AdapterLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
+        # The base layer is frozen: only the adapters train (as after peft's get_peft_model).
+        base_layer.requires_grad_(False)
         self.base_layer = base_layer
         self.kind = layer_kind(base_layer)
         self.in_features, self.out_features = in_out_features(base_layer, self.kind)

@@ -72,7 +72,10 @@ def rotated_features(base_layer: nn.Module, kind: LayerKind) -> int:
 
 def plain_weight(base_layer: nn.Module) -> torch.Tensor:
     """The base layer's floating-point weight, or a clear error for layers that store it otherwise."""
-    weight = getattr(base_layer, "weight", None)
+    try:
+        weight = base_layer.weight
+    except Exception:  # a quantized kernel may raise anything when its packed weight is read as a tensor
+        weight = None
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or type(weight) not in (
         torch.Tensor,
         nn.Parameter,

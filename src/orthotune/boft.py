@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orthotune.adapter_layer import AdapterLayer
+from orthotune.adapter_layer import AdapterLayer, check_init_weights
 from orthotune.base_layer import LayerKind, weight_matrix
 from orthotune.functional import (
     butterfly_dense,
@@ -142,6 +142,7 @@ class BOFTLayer(AdapterLayer):
             raise ValueError(
                 f"boft_n_butterfly_factor={boft_n_butterfly_factor!r} must be a number of factors ≥ 1 (0 means 1)"
             )
+        check_init_weights(init_weights)
         _check_dropout("boft_dropout", boft_dropout)
         num_factors = max(1, boft_n_butterfly_factor)
         block_size, block_num = self._resolve_blocks(boft_block_size, boft_block_num, num_factors)
@@ -162,14 +163,13 @@ class BOFTLayer(AdapterLayer):
 
     def reset_boft_parameters(self, adapter_name: str, init_weights: bool) -> None:
         """``True``: identity rotation, unit scale. ``False``: ``A ~ N(0, 0.1²)``, ``s ~ N(1, 0.1²)`` (peft)."""
-        if init_weights is True:
+        check_init_weights(init_weights)
+        if init_weights:
             nn.init.zeros_(self.boft_R[adapter_name])
             nn.init.ones_(self.boft_s[adapter_name])
-        elif init_weights is False:
+        else:
             nn.init.normal_(self.boft_R[adapter_name], mean=0.0, std=0.1)
             nn.init.normal_(self.boft_s[adapter_name], mean=1.0, std=0.1)
-        else:
-            raise ValueError(f"init_weights={init_weights!r} is not supported; use True (identity) or False (random)")
 
     def rotation_blocks(self, adapter_name: str) -> torch.Tensor:
         """``(m, D, b, b)`` fp32 orthogonal blocks of every factor, from one batched Cayley solve."""

@@ -162,7 +162,9 @@ def _class_name(label: object) -> str:
     return str(label).strip()
 
 
-def labelled_texts(texts: Sequence[str], raw_labels: Sequence[object], task: str = "auto", source: str = "") -> LabelledTexts:
+def labelled_texts(
+    texts: Sequence[str], raw_labels: Sequence[object], task: str = "auto", source: str = ""
+) -> LabelledTexts:
     """Turn raw labels into a regression or classification target.
 
     Args:
@@ -221,7 +223,9 @@ def labelled_texts(texts: Sequence[str], raw_labels: Sequence[object], task: str
     return LabelledTexts(tuple(texts), tuple(index_of[name] for name in names), "classification", classes, source)
 
 
-def train_test_split(data: LabelledTexts, test_fraction: float = 0.2, seed: int = 0) -> tuple[LabelledTexts, LabelledTexts]:
+def train_test_split(
+    data: LabelledTexts, test_fraction: float = 0.2, seed: int = 0
+) -> tuple[LabelledTexts, LabelledTexts]:
     """A reproducible random split: the same ``seed`` gives the same split on every machine and Python.
 
     Raises:

@@ -226,7 +226,9 @@ def _fit_linear(
 
 
 @torch.no_grad()
-def evaluate(model: PooledHeadModel, tokens: TokenizedTexts, targets: torch.Tensor, how: Targets, batch_size: int) -> Scores:
+def evaluate(
+    model: PooledHeadModel, tokens: TokenizedTexts, targets: torch.Tensor, how: Targets, batch_size: int
+) -> Scores:
     """Scores of ``model`` on all of ``tokens`` (eval mode, no dropout)."""
     was_training = model.training
     model.eval()

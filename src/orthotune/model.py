@@ -226,8 +226,14 @@ def _new_layer(config: AdapterConfig, adapter_name: str, base: nn.Module, name: 
         )
     else:
         layer_class = boft.Conv2d if kind is LayerKind.CONV2D else boft.Linear
-    # The weight layout is detected per layer, so a single config serves Linear and GPT-2's Conv1D alike.
-    return layer_class(base, adapter_name, fan_in_fan_out=kind is LayerKind.CONV1D, **_adapter_kwargs(config))
+    # A layer freezes its base; a plan must leave the model untouched until it is committed (which freezes it).
+    trainable = [parameter for parameter in base.parameters() if parameter.requires_grad]
+    try:
+        # The weight layout is detected per layer, so a single config serves Linear and GPT-2's Conv1D alike.
+        return layer_class(base, adapter_name, fan_in_fan_out=kind is LayerKind.CONV1D, **_adapter_kwargs(config))
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from orthotune.adapter_layer import AdapterLayer
+from orthotune.adapter_layer import AdapterLayer, check_init_weights
 from orthotune.base_layer import LayerKind, weight_matrix
 from orthotune.functional import (
     NEUMANN_WARN_NORM,
@@ -127,12 +127,16 @@ class OFTRotationModule(nn.Module):
         """Blocks along the width, counting every repeat of a shared block."""
         return self.in_features // self.block_size
 
-    def generators(self) -> torch.Tensor:
-        """``(r, b, b)`` skew generators in fp32, after the COFT projection when ``coft``."""
+    def packed_generators(self) -> torch.Tensor:
+        """``(r, b(b-1)/2)`` packed generators in fp32 as the rotation uses them (COFT-projected when ``coft``)."""
         packed = self.weight.float()
         if self.coft:
             packed = project_to_ball(packed, coft_radius(self.eps, packed.shape[0]))
-        return skew_from_packed(packed, self.block_size)
+        return packed
+
+    def generators(self) -> torch.Tensor:
+        """``(r, b, b)`` skew generators in fp32, after the COFT projection when ``coft``."""
+        return skew_from_packed(self.packed_generators(), self.block_size)
 
     def rotation_blocks(self) -> torch.Tensor:
         """``(r, b, b)`` fp32 rotations (one block with ``block_share``)."""
@@ -149,7 +153,7 @@ class OFTRotationModule(nn.Module):
         if (self._calls - 1) % _NEUMANN_CHECK_EVERY:
             return
         with torch.no_grad():
-            bound = float(neumann_norm_bound(self.weight.float()).max())
+            bound = float(neumann_norm_bound(self.packed_generators()).max())
         if bound >= NEUMANN_WARN_NORM:
             self._warned_neumann = True
             warnings.warn(
@@ -253,6 +257,7 @@ class OFTLayer(AdapterLayer):
         """Add (or replace) the adapter ``adapter_name`` with trainable rotation parameters."""
         if kwargs:
             raise TypeError(f"unexpected OFT arguments {sorted(kwargs)}; see orthotune.oft.OFTLayer.update_layer")
+        check_init_weights(init_weights)
         _check_dropout("module_dropout", module_dropout)
         if use_cayley_neumann and num_cayley_neumann_terms < 2:
             raise ValueError(
@@ -281,13 +286,12 @@ class OFTLayer(AdapterLayer):
 
     def reset_oft_parameters(self, adapter_name: str, init_weights: bool) -> None:
         """``True``: zeros (the identity rotation). ``False``: small random generators, N(0, 0.1²)."""
+        check_init_weights(init_weights)
         weight = self.oft_R[adapter_name].weight
-        if init_weights is True:
+        if init_weights:
             nn.init.zeros_(weight)
-        elif init_weights is False:
-            nn.init.normal_(weight, mean=0.0, std=0.1)
         else:
-            raise ValueError(f"init_weights={init_weights!r} is not supported; use True (identity) or False (random)")
+            nn.init.normal_(weight, mean=0.0, std=0.1)
 
     def _rotation_blocks(self, adapter_name: str) -> torch.Tensor:
         """fp32 blocks as forward uses them: dropout applied in training, shared blocks repeated only then."""
