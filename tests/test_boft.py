@@ -35,14 +35,6 @@ from orthotune import boft
 from orthotune.functional import butterfly_permutation, butterfly_permutations
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: with OpenMP threads, a busy 2-core machine spends its time spin-waiting
-    (10-50x slower); one intra-op thread keeps the file fast. Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 # ------------------------------------------------------------------------------------------------ helpers
 

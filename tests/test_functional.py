@@ -166,7 +166,7 @@ def test_cayley_neumann_converges_to_exact_as_terms_grow(block_size: int, norm: 
     exact = cayley_exact(q)
     errors = [spectral_norm(cayley_neumann(q, n) - exact).item() for n in range(2, 12)]
     assert all(later < earlier for earlier, later in zip(errors, errors[1:], strict=False))
-    assert spectral_norm(cayley_neumann(q, 400) - exact) < 1e-12
+    assert spectral_norm(cayley_neumann(q, 120) - exact) < 1e-5  # ≤ 0.9^119 ≈ 4e-6
     assert torch.equal(cayley(q, use_neumann=True, num_neumann_terms=7), cayley_neumann(q, 7))
     assert torch.equal(cayley(q), exact)
 

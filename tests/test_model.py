@@ -15,7 +15,6 @@ import pytest
 import torch
 from conftest import rel_err
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, token_batch
-from tiny_models import one_torch_thread  # noqa: F401  (autouse fixture: this module runs on one thread)
 
 import orthotune
 from orthotune import BOFTConfig, OFTConfig, get_peft_model

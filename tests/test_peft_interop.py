@@ -15,7 +15,6 @@ import torch
 from conftest import document_upstream_defect, rel_err
 from safetensors.torch import load_file
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, token_batch
-from tiny_models import one_torch_thread  # noqa: F401  (autouse fixture: this module runs on one thread)
 
 import orthotune
 

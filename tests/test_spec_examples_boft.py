@@ -19,14 +19,6 @@ from torch.utils.checkpoint import checkpoint
 from orthotune.boft import Linear as BOFTLinear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: with OpenMP threads, a busy 2-core machine spends its time spin-waiting
-    (10-50x slower); one intra-op thread keeps the file fast. Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_spec_basic_linear_layer_adaptation(capsys):

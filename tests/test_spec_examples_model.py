@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import tiny_gpt2
-from tiny_models import one_torch_thread  # noqa: F401  (autouse fixture: this module runs on one thread)
 
 pytest.importorskip("transformers")
 

@@ -1,23 +1,11 @@
 """Tiny transformers models built from configs (no downloads), shared by the model-level tests.
 
-Each builder seeds its own generator, so the same call gives the same weights in every test. A test module
-that imports :func:`one_torch_thread` runs on one thread.
+Each builder seeds its own generator, so the same call gives the same weights in every test.
 """
 
 from __future__ import annotations
 
-import pytest
 import torch
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Matrices of 32 × 32 gain nothing from several threads, and on a busy machine the threads mostly wait for
-    each other (10× slower measured on 2 shared cores): run these modules on one, then restore the setting."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_llama(tie_word_embeddings: bool = False):
