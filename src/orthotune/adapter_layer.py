@@ -78,7 +78,22 @@ def forward_per_adapter(
     return torch.cat(outputs).index_select(0, torch.argsort(torch.cat(order)))
 
 
-class AdapterLayer(nn.Module):
+class ActiveAdapters:
+    """peft's two views of which adapters are active, for a layer and for a whole model alike."""
+
+    _active_adapters: list[str]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active)."""
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else self.active_adapters
+
+
+class AdapterLayer(ActiveAdapters, nn.Module):
     """A base layer with named orthogonal adapters.
 
     Attributes:
@@ -112,14 +127,6 @@ class AdapterLayer(nn.Module):
     def adapter_names(self) -> list[str]:
         """All adapters this layer holds, active or not."""
         return list(getattr(self, self.adapter_layer_names[0]).keys())
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapters)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapters[0] if len(self._active_adapters) == 1 else self.active_adapters
 
     @property
     def merged(self) -> bool:

@@ -410,10 +410,8 @@ def _write_output(path: Path, overwrite: bool, write: Callable[[Path], None]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the output private
         write(staging)
+        _publish_permissions(staging)
         if path.exists():
             if not overwrite:
                 raise UsageError(f"--output {path} appeared while training; pass --overwrite or another --output")
@@ -433,6 +431,15 @@ def _write_output(path: Path, overwrite: bool, write: Callable[[Path], None]) ->
         if isinstance(error, OSError):
             raise UsageError(f"--output {path}: writing failed ({error}); nothing was written") from error
         raise
+
+
+def _publish_permissions(directory: Path) -> None:
+    """Give what was written the permissions of any new file (mkdtemp and atomic writers make them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def run_finetune(args: argparse.Namespace) -> int:

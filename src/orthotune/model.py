@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from orthotune import boft, oft
-from orthotune.adapter_layer import BASE_ADAPTER_NAME, AdapterLayer
+from orthotune.adapter_layer import BASE_ADAPTER_NAME, ActiveAdapters, AdapterLayer
 from orthotune.base_layer import LayerKind, is_transformers_conv1d, layer_kind
 from orthotune.checkpoint import (
     MODEL_PREFIX,
@@ -284,7 +284,7 @@ class OrthoTuner(nn.Module):
             return getattr(self.model, name)
 
 
-class OrthoModel(nn.Module):
+class OrthoModel(ActiveAdapters, nn.Module):
     """A model with named OFT/BOFT adapters and peft's ``PeftModel`` API (also exported as ``PeftModel``).
 
     Calls and attributes not defined here go to the wrapped model (``model.config``, ``generate``,
@@ -372,15 +372,6 @@ class OrthoModel(nn.Module):
                 handle.remove()
 
     # ----------------------------------------------------------------------------------------- adapters
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapters)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        """The active adapter's name (a list when several are active)."""
-        return self._active_adapters[0] if len(self._active_adapters) == 1 else self.active_adapters
-
     @property
     def active_peft_config(self) -> AdapterConfig:
         return self.peft_config[self._active_adapters[0]]
