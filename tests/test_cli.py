@@ -4,6 +4,7 @@ end-to-end ``finetune`` on a BERT built from a config (no download, a few second
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -186,11 +187,20 @@ def test_bad_input_is_one_line_and_writes_nothing(
     assert _leftovers(tmp_path) == before
 
 
+def test_data_options_need_a_data_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    status, _, err = run(
+        capsys, "finetune", "--task", "regression", "--text-column", "t", "--output", str(tmp_path / "o")
+    )
+    assert_one_line_error(status, err, "--text-column, --task describe a --data file")
+    assert _leftovers(tmp_path) == []
+
+
 def test_existing_output_needs_overwrite(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     output = tmp_path / "adapter"
     output.mkdir()
     (output / "keep.txt").write_text("mine", encoding="utf-8")
-    status, _, err = run(capsys, "finetune", "--output", str(output))
+    # Checked first: the missing data file is not even looked at.
+    status, _, err = run(capsys, "finetune", "--output", str(output), "--data", str(tmp_path / "missing.csv"))
     assert_one_line_error(status, err, "already exists", "--overwrite")
     assert _leftovers(output) == ["keep.txt"]
     assert _leftovers(tmp_path) == ["adapter"]
@@ -291,6 +301,10 @@ def test_finetune_classification_end_to_end(
     assert "stale.txt" not in files
     assert _leftovers(tmp_path) == ["adapter", "train.csv"]  # no staging directory left behind
     assert (output / "merged" / "config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [output, *output.rglob("*")]:  # readable like any other new file, not private to the writer
+        assert path.stat().st_mode & 0o777 == (0o777 if path.is_dir() else 0o666) & ~umask, path
 
     config = json.loads((output / "adapter_config.json").read_text(encoding="utf-8"))
     assert config["peft_type"] == "OFT" and config["oft_block_size"] == 8

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -89,3 +90,23 @@ def test_training_learns_with_orthogonal_adapters() -> None:
     trained = wrapped.get_base_model().state_dict()
     assert torch.equal(trained["mix.base_layer.weight"], base["mix.weight"])  # the base weight stays frozen
     assert trained["mix.oft_R.default.weight"].abs().max() > 0  # the rotation moved away from the identity
+
+
+def test_scores_against_independent_formulas() -> None:
+    """Regression: Pearson's r and RMSE in the labels' own units; classification: accuracy."""
+    values = torch.randn(30).double() * 2 + 1
+    regression = labelled_texts([f"t{i}" for i in range(30)], values.tolist(), "regression")
+    how = Targets(regression)
+    targets = how.tensor(regression.labels)
+    predicted = values + torch.randn(30).double()  # in rating units
+    outputs = ((predicted - how.mean) / how.std).float().unsqueeze(-1)
+    scores = how.scores(outputs, targets)
+    assert scores.metric == "pearson_r"
+    assert scores.value == pytest.approx(float(torch.corrcoef(torch.stack([predicted, values]))[0, 1]), abs=1e-5)
+    assert scores.extra["rmse"] == pytest.approx(float((predicted - values).pow(2).mean().sqrt()), abs=1e-5)
+
+    classes = labelled_texts([f"t{i}" for i in range(6)], ["a", "b", "c", "a", "b", "c"])
+    how = Targets(classes)
+    logits = torch.eye(3)[[0, 1, 2, 1, 1, 0]]  # right, right, right, wrong, right, wrong
+    accuracy = how.scores(logits, how.tensor(classes.labels))
+    assert (accuracy.metric, accuracy.value) == ("accuracy", pytest.approx(4 / 6))

@@ -239,6 +239,17 @@ def _load_data(args: argparse.Namespace) -> Any:
     from orthotune.demo import vader_lexicon
 
     if args.data is None:
+        changed = [
+            option
+            for option, value, default in (
+                ("--text-column", args.text_column, "text"),
+                ("--label-column", args.label_column, "label"),
+                ("--task", args.task, "auto"),
+            )
+            if value != default
+        ]
+        if changed:
+            raise UsageError(f"{', '.join(changed)} describe a --data file; pass --data FILE, or leave them out")
         return vader_lexicon()
     texts, labels = read_table(args.data, args.text_column, args.label_column)
     return labelled_texts(texts, labels, args.task, source=str(args.data))
@@ -289,7 +300,8 @@ def _load_model(path: Path) -> tuple[Any, Any]:
             f"--model {path}: its tokenizer cannot be loaded ({_first_line(error)}); save the tokenizer into the "
             "model directory with tokenizer.save_pretrained"
         ) from error
-    return tokenizer, encoder
+    # Training runs on the CPU, in float32: a checkpoint saved in half precision would lose the small updates.
+    return tokenizer, encoder.float()
 
 
 def _first_line(error: BaseException) -> str:
