@@ -313,3 +313,13 @@ def test_neumann_files_from_peft_before_0_18_warn(tmp_path) -> None:
     _damage_config(lambda c: c.pop("peft_version"))(directory)
     with pytest.warns(UserWarning, match="peft < 0.18"):
         orthotune.PeftModel.from_pretrained(tiny_llama(), directory)
+
+
+def test_saved_files_get_the_permissions_of_any_new_file(tmp_path) -> None:
+    # The atomic writer goes through mkstemp, whose files are private (0600) unless widened.
+    model = get_peft_model(tiny_llama(), OFTConfig(r=4, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask

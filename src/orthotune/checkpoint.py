@@ -64,7 +64,7 @@ def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        _publish(temporary, path)
     except BaseException:
         _remove_quietly(temporary)
         raise
@@ -75,6 +75,17 @@ def _temporary_path(path: str | os.PathLike[str]) -> str:
     handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
     os.close(handle)
     return temporary
+
+
+def _publish(temporary: str, path: str | os.PathLike[str]) -> None:
+    """Move a finished temporary file over ``path``, with the permissions any new file would get.
+
+    mkstemp (and safetensors' own writer) make files private (0600); an adapter is meant to be shared.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)
+    os.replace(temporary, path)
 
 
 def _remove_quietly(path: str) -> None:
@@ -106,8 +117,8 @@ def save_adapter_files(
             handle.write(config.to_json_string().encode())
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(weights_temporary, weights_path)
-        os.replace(config_temporary, config_path)
+        _publish(weights_temporary, weights_path)
+        _publish(config_temporary, config_path)
     except BaseException:
         _remove_quietly(weights_temporary)
         _remove_quietly(config_temporary)

@@ -446,7 +446,7 @@ def _write_output(path: Path, overwrite: bool, write: Callable[[Path], None]) ->
 
 
 def _publish_permissions(directory: Path) -> None:
-    """Give what was written the permissions of any new file (mkdtemp and atomic writers make them private)."""
+    """Give the staging directory (private, from mkdtemp) and its contents the permissions of any new file."""
     umask = os.umask(0)
     os.umask(umask)
     directory.chmod(0o777 & ~umask)
