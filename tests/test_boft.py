@@ -34,8 +34,6 @@ from transformers.pytorch_utils import Conv1D
 from orthotune import boft
 from orthotune.functional import butterfly_permutation, butterfly_permutations
 
-
-
 # ------------------------------------------------------------------------------------------------ helpers
 
 
@@ -765,7 +763,7 @@ def test_gradient_checkpointing_gives_same_grads(mode):
 
     plain = grads(False)
     checkpointed = grads(True)
-    for name, a, b in zip(("boft_R", "boft_s", "x"), plain, checkpointed):
+    for name, a, b in zip(("boft_R", "boft_s", "x"), plain, checkpointed, strict=True):
         assert a.abs().max() > 0, name
         assert rel_err(b, a) <= 1e-6, name
 

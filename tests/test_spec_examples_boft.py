@@ -11,14 +11,11 @@ exercise the model-level API, which is built and tested elsewhere (and need mode
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from orthotune.boft import Linear as BOFTLinear
-
-
 
 
 def test_spec_basic_linear_layer_adaptation(capsys):
@@ -121,5 +118,5 @@ def test_spec_gradient_checkpointing(capsys):
     torch.manual_seed(1)
     boft_linear(x).sum().backward()
     plain = (boft_linear.boft_R["checkpoint_demo"].grad, boft_linear.boft_s["checkpoint_demo"].grad, x.grad)
-    for a, b in zip(checkpointed, plain):
+    for a, b in zip(checkpointed, plain, strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

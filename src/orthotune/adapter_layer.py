@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from orthotune.base_layer import LayerKind, in_out_features, layer_kind, rotated_features, weight_matrix, write_weight_matrix
+from orthotune.base_layer import (
+    LayerKind,
+    in_out_features,
+    layer_kind,
+    rotated_features,
+    weight_matrix,
+    write_weight_matrix,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +251,9 @@ class AdapterLayer(ActiveAdapters, nn.Module):
             with torch.no_grad():
                 merged = self._merged_weight(original.float(), name)
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the adapter is broken, not merged")
+                raise ValueError(
+                    f"merging adapter {name!r} gives non-finite weights; the adapter is broken, not merged"
+                )
             write_weight_matrix(self.base_layer, self.kind, merged)
             self.merged_adapters.append(name)
 

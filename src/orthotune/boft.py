@@ -21,7 +21,6 @@ device with no extension to compile.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -201,7 +200,8 @@ class BOFTLayer(AdapterLayer):
     def _unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         # The Cayley blocks are orthogonal to rounding, so Mᵀ is M's inverse: (W Mᵀ s) / s M = W.
         unscaled = weight / self._output_scale(adapter_name).float()
-        return butterfly_rotate_activations(unscaled, self.rotation_blocks(adapter_name), self._permutation_index(adapter_name))
+        blocks = self.rotation_blocks(adapter_name)
+        return butterfly_rotate_activations(unscaled, blocks, self._permutation_index(adapter_name))
 
     def __repr__(self) -> str:
         return "boft." + super().__repr__()

@@ -56,7 +56,7 @@ def skew_from_packed(packed: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def packed_from_skew(skew: torch.Tensor) -> torch.Tensor:
-    """Strict upper triangle of ``(..., b, b)`` matrices, as ``(..., b(b-1)/2)`` (inverse of :func:`skew_from_packed`)."""
+    """Strict upper triangles of ``(..., b, b)`` matrices, ``(..., b(b-1)/2)``: inverse of :func:`skew_from_packed`."""
     b = skew.shape[-1]
     rows, cols = torch.triu_indices(b, b, 1, device=skew.device)
     return skew[..., rows, cols]
