@@ -42,12 +42,35 @@ def _solve_dtype(q: torch.Tensor) -> torch.dtype:
     return q.dtype if q.device.type == "mps" else torch.float64
 
 
+class _CayleyExact(torch.autograd.Function):
+    """``R = (I - Q)⁻¹(I + Q)`` by one LU solve, with a backward that needs no second solve.
+
+    ``R + I = 2(I - Q)⁻¹``, so with ``A = (R + I)/2`` the differential is ``dR = 2 A dQ A`` and the gradient
+    is ``∂L/∂Q = 2 Aᵀ G Aᵀ``: two small matmuls instead of autograd's transposed solve.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor) -> torch.Tensor:
+        work = q.to(_solve_dtype(q))
+        eye = _identity_like(work)
+        # (I + Q)(I - Q)⁻¹ = (I - Q)⁻¹(I + Q): a left solve, the form LAPACK handles best.
+        rotation = torch.linalg.solve(eye - work, eye + work).to(q.dtype)
+        ctx.save_for_backward(rotation)
+        return rotation
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        (rotation,) = ctx.saved_tensors
+        inverse_t = ((rotation + _identity_like(rotation)) * 0.5).transpose(-1, -2)  # ((I - Q)⁻¹)ᵀ
+        return 2.0 * inverse_t @ grad @ inverse_t
+
+
 def cayley_exact(q: torch.Tensor) -> torch.Tensor:
     """Exact Cayley transform ``R = (I + Q)(I - Q)⁻¹`` of a batch of skew-symmetric matrices.
 
     Computed with ``torch.linalg.solve`` (an LU solve), never an explicit inverse, in float64 (where the
     device supports it) and rounded once to the dtype of ``q``, so that ``‖RᵀR - I‖`` stays at the rounding
-    level of that dtype for generators of any size.
+    level of that dtype for generators of any size. Differentiable once (the backward reuses ``R``).
 
     Args:
         q: ``(..., b, b)`` skew-symmetric.
@@ -55,10 +78,7 @@ def cayley_exact(q: torch.Tensor) -> torch.Tensor:
     Returns:
         ``(..., b, b)`` orthogonal, same dtype as ``q``.
     """
-    work = q.to(_solve_dtype(q))
-    eye = _identity_like(work)
-    # (I + Q)(I - Q)⁻¹ = (I - Q)⁻¹(I + Q): a left solve, the form LAPACK and autograd handle best.
-    return torch.linalg.solve(eye - work, eye + work).to(q.dtype)
+    return _CayleyExact.apply(q)
 
 
 def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
