@@ -14,9 +14,9 @@ from peft.tuners.oft.layer import OFTRotationModule as PeftRotation
 from orthotune.functional import (
     block_diagonal,
     block_size_from_packed,
-    cayley,
     cayley_exact,
     cayley_neumann,
+    cayley_transform,
     coft_radius,
     drop_blocks_to_identity,
     neumann_norm_bound,
@@ -167,8 +167,8 @@ def test_cayley_neumann_converges_to_exact_as_terms_grow(block_size: int, norm: 
     errors = [spectral_norm(cayley_neumann(q, n) - exact).item() for n in range(2, 12)]
     assert all(later < earlier for earlier, later in zip(errors, errors[1:], strict=False))
     assert spectral_norm(cayley_neumann(q, 120) - exact) < 1e-5  # ≤ 0.9^119 ≈ 4e-6
-    assert torch.equal(cayley(q, use_neumann=True, num_neumann_terms=7), cayley_neumann(q, 7))
-    assert torch.equal(cayley(q), exact)
+    assert torch.equal(cayley_transform(q, use_neumann=True, num_neumann_terms=7), cayley_neumann(q, 7))
+    assert torch.equal(cayley_transform(q), exact)
 
 
 @FAST

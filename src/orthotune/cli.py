@@ -5,6 +5,8 @@
     orthotune finetune                      # OFT on the embedded default: all-MiniLM-L6-v2, VADER lexicon
     orthotune finetune --method boft --butterfly-factors 2 --block-size 8
     orthotune finetune --model DIR --data train.csv --text-column sentence --label-column score --merge
+    orthotune merge ADAPTER_DIR --base MODEL_DIR --output MERGED_DIR
+    orthotune inspect ADAPTER_DIR [--base MODEL_DIR] [--json]
     orthotune --version
 
 Each subcommand is a function ``run_<name>(args) -> int`` registered in :func:`build_parser`; a new one
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"orthotune {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_finetune_parser(commands)
+    _add_merge_parser(commands)
+    _add_inspect_parser(commands)
+    _add_convert_parser(commands)
     return parser
 
 
@@ -638,6 +643,375 @@ def _save(
         merged = wrapped.merge_and_unload()
         merged.save_pretrained(directory / "merged")
         tokenizer.save_pretrained(directory / "merged")
+
+
+# ------------------------------------------------------------------------------------------------ merge
+#: peft's ``task_type`` to the transformers auto class its models are loaded with.
+_TASK_AUTO_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
+#: Files of a tokenizer (and processor) that ``merge`` copies from the base directory when present.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+
+
+def _add_merge_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "merge",
+        help="merge an adapter into its base model and save the plain model",
+        description=(
+            "Load a local transformers model, load the OFT/BOFT adapter onto it, merge the rotations into the "
+            "weights and save the plain model (with the base directory's tokenizer files) to --output. The saved "
+            "model gives the adapted model's outputs with no adapter code. The model class comes from the "
+            "adapter's task_type, else its auto_mapping, else the base model's architecture when the adapter's "
+            "layer names fit it, else AutoModel."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("adapter", metavar="ADAPTER_DIR", help="directory with adapter_config.json and weights")
+    parser.add_argument("--base", required=True, metavar="MODEL_DIR", help="local transformers base model directory")
+    parser.add_argument("--output", required=True, metavar="OUT_DIR", help="directory to write the merged model to")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.set_defaults(run=run_merge)
+
+
+def _adapter_file(path_text: str) -> Any:
+    """The checked adapter file in a directory, or a one-line :class:`UsageError`."""
+    from orthotune.checkpoint import read_adapter_files
+
+    path = Path(path_text)
+    if not path.is_dir():
+        raise UsageError(f"adapter directory {path} does not exist; pass a directory written by save_pretrained")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unknown keys or an old peft version: nothing the command can act on
+            return read_adapter_files(path)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"adapter {path}: {_first_line(error)}") from error
+
+
+def _base_dir(path_text: str) -> Path:
+    path = Path(path_text)
+    if not path.is_dir():
+        raise UsageError(f"--base {path} does not exist; pass a local transformers model directory")
+    if not (path / "config.json").is_file():
+        raise UsageError(f"--base {path} is not a transformers model directory (no config.json)")
+    return path
+
+
+def _transformers() -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError as error:
+        raise UsageError("this command needs transformers: pip install 'orthotune[hf]'") from error
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    return transformers
+
+
+def _adapted_module_names(file: Any) -> list[str]:
+    from orthotune.checkpoint import MODEL_PREFIX
+
+    suffixes = (".oft_R.weight", ".oft_embedding_R.weight", ".boft_R", ".oft_r")  # .oft_r: old peft OFT
+    return [
+        key[len(MODEL_PREFIX) :].rsplit(".", 2 if key.endswith(".weight") else 1)[0]
+        for key in file.tensors
+        if key.endswith(suffixes)
+    ]
+
+
+def _base_model_class(transformers: Any, file: Any, base: Path, adapter: Path) -> tuple[Any, dict[str, Any]]:
+    """The transformers class to load ``base`` with, and extra ``from_pretrained`` arguments."""
+    config = file.config
+    if config.task_type is not None:
+        return getattr(transformers, _TASK_AUTO_CLASSES[config.task_type]), {}
+    mapping = config.auto_mapping or {}
+    named = mapping.get("base_model_class")
+    if named and str(mapping.get("parent_library", "transformers")).startswith("transformers"):
+        model_class = getattr(transformers, named, None)
+        if model_class is None:
+            raise UsageError(f"adapter {adapter}: auto_mapping names {named}, which this transformers lacks")
+        return model_class, {}
+    if (adapter / HEAD_CONFIG).is_file():  # written by `orthotune finetune`: an encoder without its pooler
+        return transformers.AutoModel, {"add_pooling_layer": False}
+    try:
+        architectures = json.loads((base / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        architectures = []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    prefix = getattr(model_class, "base_model_prefix", "")
+    names = _adapted_module_names(file)
+    # A head class (BertForSequenceClassification) holds the encoder under its prefix ("bert."); an adapter
+    # trained on the bare encoder has names without it and needs AutoModel.
+    if model_class is not None and names and all(name.startswith(f"{prefix}.") for name in names):
+        return model_class, {}
+    return transformers.AutoModel, {}
+
+
+def _load_adapted_model(adapter: Path, file: Any, base: Path) -> Any:
+    """The base model in ``base`` with the adapter in ``adapter`` loaded (an :class:`~orthotune.OrthoModel`)."""
+    import orthotune
+
+    transformers = _transformers()
+    model_class, kwargs = _base_model_class(transformers, file, base, adapter)
+    try:
+        try:
+            model = model_class.from_pretrained(base, local_files_only=True, **kwargs)
+        except TypeError:
+            if not kwargs:
+                raise
+            model = model_class.from_pretrained(base, local_files_only=True)
+    except Exception as error:  # transformers raises OSError, ValueError, KeyError, … for a bad directory
+        raise UsageError(f"--base {base} cannot be loaded as {model_class.__name__} ({_first_line(error)})") from error
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return orthotune.PeftModel.from_pretrained(model, adapter)
+    except (OSError, ValueError, TypeError, NotImplementedError) as error:
+        raise UsageError(
+            f"adapter {adapter} does not fit --base {base} loaded as {model_class.__name__}: {_first_line(error)}"
+        ) from error
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    adapter = Path(args.adapter)
+    output = Path(args.output)
+    file = _adapter_file(args.adapter)
+    base = _base_dir(args.base)
+    _check_output(output, args.overwrite)
+    if output.resolve() in (adapter.resolve(), base.resolve()):
+        raise UsageError(f"--output {output} is the adapter or base directory; choose another --output")
+    wrapped = _load_adapted_model(adapter, file, base)
+    layers = sum(1 for _ in wrapped._adapter_layers())
+    try:
+        merged = wrapped.merge_and_unload()
+    except (NotImplementedError, ValueError) as error:
+        raise UsageError(f"cannot merge: {_first_line(error)}") from error
+
+    def write(directory: Path) -> None:
+        merged.save_pretrained(directory)
+        for name in _TOKENIZER_FILES:
+            if (base / name).is_file():
+                shutil.copy2(base / name, directory / name)
+
+    _write_output(output, args.overwrite, write)
+    print(f"merged:    {file.config.peft_type} adapter {adapter} into {layers} layers of {type(merged).__name__}")
+    print(f"saved:     {output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def _add_inspect_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "inspect",
+        help="describe an adapter: blocks, rotation angles, orthogonality, hyperspherical energy",
+        description=(
+            "Describe each adapted layer of an adapter directory from its files alone: method, block size and "
+            "count, butterfly factors, parameters, the largest generator norm ‖Q‖_F, the largest rotation angle "
+            "(largest |arg λ| of any block's eigenvalues), the orthogonality error ‖RᵀR − I‖₂ of the rotation "
+            "the layer applies (Cayley-Neumann when the config says so) and a warning where that series is near "
+            "divergence. With --base, also the relative change of each layer's hyperspherical energy between "
+            "the base and merged weights (about 0: the rotation acts on the inputs)."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("adapter", metavar="ADAPTER_DIR", help="directory with adapter_config.json and weights")
+    parser.add_argument("--base", metavar="MODEL_DIR", help="base model directory: adds hyperspherical energy")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.set_defaults(run=run_inspect)
+
+
+def _energy_changes(adapter: Path, file: Any, base: Path) -> dict[str, dict[str, Any]]:
+    """Per adapted module name: the hyperspherical energy of its base and merged weight."""
+    from orthotune.base_layer import weight_matrix
+    from orthotune.inspection import hyperspherical_energy_change
+
+    wrapped = _load_adapted_model(adapter, file, base)
+    before = {
+        name: (layer.kind, weight_matrix(layer.get_base_layer(), layer.kind).detach().clone())
+        for name, layer in wrapped._adapter_layers()
+    }
+    model = wrapped.merge_and_unload()
+    return {
+        name: hyperspherical_energy_change(weight, weight_matrix(model.get_submodule(name), kind))
+        for name, (kind, weight) in before.items()
+    }
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from orthotune.inspection import MAX_ENERGY_NEURONS, inspect_adapter
+
+    adapter = Path(args.adapter)
+    file = _adapter_file(args.adapter)
+    base = _base_dir(args.base) if args.base else None
+    try:
+        report = inspect_adapter(file)
+    except ValueError as error:
+        raise UsageError(_first_line(error)) from error
+    if base is not None:
+        energies = _energy_changes(adapter, file, base)
+        for layer in report.layers:
+            layer.energy = energies.get(layer.name)
+        if any(energy["sampled"] < energy["neurons"] for energy in energies.values()):
+            report.notes.append(
+                f"hyperspherical energy: layers with more than {MAX_ENERGY_NEURONS} neurons use "
+                f"{MAX_ENERGY_NEURONS} evenly spaced ones (the same for base and merged)"
+            )
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    _print_inspection(adapter, report, with_energy=base is not None)
+    return 0
+
+
+def _print_inspection(adapter: Path, report: Any, with_energy: bool) -> None:
+    columns = ["layer", "method", "block", "blocks", "m", "params", "max‖Q‖F", "angle°", "‖RᵀR−I‖₂", "cayley"]
+    if with_energy:
+        columns.append("ΔHE rel")
+    rows = []
+    for layer in report.layers:
+        cayley = layer.cayley + (" !near divergence" if layer.neumann_near_divergence else "")
+        row = [
+            layer.name,
+            layer.method,
+            str(layer.block_size),
+            f"{layer.num_blocks}" + (" shared" if layer.block_share else ""),
+            str(layer.butterfly_factors),
+            f"{layer.parameters:,}",
+            f"{layer.max_generator_norm:.3g}",
+            f"{layer.max_angle_degrees:.3g}",
+            f"{layer.orthogonality_error:.2g}",
+            cayley,
+        ]
+        if with_energy:
+            energy = layer.energy
+            row.append("n/a" if energy is None else f"{energy['relative_change']:+.2g}")
+        rows.append(row)
+    widths = [
+        max(len(column), *(len(row[i]) for row in rows)) if rows else len(column) for i, column in enumerate(columns)
+    ]
+    print(f"adapter:   {adapter} ({report.peft_type}, {len(report.layers)} adapted layers)")
+    print("  ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)))
+    total = report.as_dict()["total"]
+    print(
+        f"total:     {total['adapter_parameters']:,} adapter parameters"
+        + (
+            f" + {total['other_parameters']:,} in {total['other_tensors']} saved tensors"
+            if total["other_tensors"]
+            else ""
+        )
+        + f"; max ‖Q‖_F {total['max_generator_norm']:.3g}, max angle {total['max_angle_degrees']:.3g}°, "
+        f"max ‖RᵀR−I‖₂ {total['orthogonality_error']:.2g}"
+        + (
+            f", max |ΔHE| {total['max_abs_relative_energy_change']:.2g} (relative)"
+            if "max_abs_relative_energy_change" in total
+            else ""
+        )
+    )
+    for name in total["neumann_near_divergence"]:
+        print(
+            f"warning:   {name}: the Cayley-Neumann series is near divergence (‖Q‖₂ bound ≥ 0.9); "
+            "prefer use_cayley_neumann=False"
+        )
+    for note in report.notes:
+        print(f"note:      {note}")
+
+
+# ---------------------------------------------------------------------------------------------- convert
+_LYCORIS_REFUSAL = (
+    "LyCORIS/kohya OFT and BOFT (oft_blocks, oft_diag, boft_blocks) rotate a layer's outputs (W ↦ R W), peft's "
+    "and orthotune's rotate its inputs (W ↦ W Rᵀ); no input rotation equals an output rotation in general, so "
+    "there is no exact conversion in either direction; merge the adapter into the model instead"
+)
+
+
+def _add_convert_parser(commands: Any) -> None:
+    parser = commands.add_parser(
+        "convert",
+        help="convert adapter files between formats (explains what cannot be converted)",
+        description=(
+            "Convert adapter files. Supported: peft/orthotune directories of any peft version orthotune reads "
+            "(including old peft 0.14-0.15 OFT files, which need --base to learn the layer widths) into the "
+            "current peft 0.21.2 format. Not supported, because the math does not allow it: LyCORIS/kohya "
+            "OFT/BOFT files (they rotate the layer outputs, peft rotates the inputs)."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("source", metavar="SOURCE", help="adapter directory, or a LyCORIS .safetensors file")
+    parser.add_argument("--to", choices=("peft", "lycoris"), default="peft", help="target format")
+    parser.add_argument("--base", metavar="MODEL_DIR", help="base model directory (for old peft OFT files)")
+    parser.add_argument("--output", required=True, metavar="OUT_DIR", help="directory to write to")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.set_defaults(run=run_convert)
+
+
+def _is_lycoris(path: Path) -> bool:
+    """A LyCORIS/kohya file: a .safetensors file (or a directory of one) with OFT keys and no peft config."""
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return False
+    for candidate in files:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(candidate), framework="pt") as handle:
+                keys = list(handle.keys())
+        except Exception:
+            continue
+        if any(key.endswith((".oft_blocks", ".oft_diag", ".boft_blocks")) or key.startswith("lora_") for key in keys):
+            return True
+    return False
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    source = Path(args.source)
+    output = Path(args.output)
+    if not source.exists():
+        raise UsageError(f"SOURCE {source} does not exist")
+    if _is_lycoris(source):
+        raise UsageError(f"{source} is a LyCORIS/kohya adapter: {_LYCORIS_REFUSAL}")
+    if args.to == "lycoris":
+        raise UsageError(f"--to lycoris: {_LYCORIS_REFUSAL}")
+    file = _adapter_file(args.source)
+    _check_output(output, args.overwrite)
+    if file.legacy_oft is None:
+        from orthotune.checkpoint import save_adapter_files
+
+        def write(directory: Path) -> None:
+            save_adapter_files(directory, file.config, file.tensors)
+
+        _write_output(output, args.overwrite, write)
+    else:
+        if not args.base:
+            raise UsageError(
+                f"{source} is an old peft (0.14-0.15) OFT file; its conversion needs the layer widths: pass --base"
+            )
+        wrapped = _load_adapted_model(source, file, _base_dir(args.base))
+        _write_output(output, args.overwrite, wrapped.save_pretrained)
+    print(f"saved:     {output} ({file.config.peft_type}, peft 0.21.2 format)")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ main

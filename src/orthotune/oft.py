@@ -26,7 +26,7 @@ from orthotune.base_layer import LayerKind, weight_matrix
 from orthotune.functional import (
     NEUMANN_WARN_NORM,
     block_diagonal,
-    cayley,
+    cayley_transform,
     coft_radius,
     drop_blocks_to_identity,
     drop_factor_blocks_to_identity,
@@ -142,7 +142,7 @@ class OFTRotationModule(nn.Module):
         """``(r, b, b)`` fp32 rotations (one block with ``block_share``)."""
         if self.use_cayley_neumann:
             self._check_neumann_convergence()
-        return cayley(self.generators(), self.use_cayley_neumann, self.num_cayley_neumann_terms)
+        return cayley_transform(self.generators(), self.use_cayley_neumann, self.num_cayley_neumann_terms)
 
     def _check_neumann_convergence(self) -> None:
         # The check reads a value back to the host (a GPU sync, a graph break): skip it when compiling, and

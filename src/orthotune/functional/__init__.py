@@ -17,9 +17,9 @@ from orthotune.functional.butterfly import (
 )
 from orthotune.functional.cayley import (
     NEUMANN_WARN_NORM,
-    cayley,
     cayley_exact,
     cayley_neumann,
+    cayley_transform,
     neumann_norm_bound,
     orthogonality_error,
 )
@@ -43,7 +43,7 @@ __all__ = [
     "butterfly_permutations",
     "butterfly_rotate_activations",
     "butterfly_rotate_weight",
-    "cayley",
+    "cayley_transform",
     "cayley_exact",
     "cayley_neumann",
     "coft_radius",

@@ -104,7 +104,7 @@ def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
     return series + q @ series  # (I + Q) · series
 
 
-def cayley(q: torch.Tensor, use_neumann: bool = False, num_neumann_terms: int = 5) -> torch.Tensor:
+def cayley_transform(q: torch.Tensor, use_neumann: bool = False, num_neumann_terms: int = 5) -> torch.Tensor:
     """:func:`cayley_exact` or :func:`cayley_neumann`, both meaning ``R = (I + Q)(I - Q)⁻¹``."""
     return cayley_neumann(q, num_neumann_terms) if use_neumann else cayley_exact(q)
 
