@@ -76,6 +76,12 @@ def plain_weight(base_layer: nn.Module) -> torch.Tensor:
         weight = base_layer.weight
     except Exception:  # a quantized kernel may raise anything when its packed weight is read as a tensor
         weight = None
+    if any(cls.__name__ == "DTensor" for cls in type(weight).__mro__):
+        raise NotImplementedError(
+            f"cannot merge into {type(base_layer).__name__}: its weight is a DTensor shard (FSDP2 fully_shard or "
+            "tensor parallelism); save the adapter (save_pretrained with a full state dict from "
+            "torch.distributed.checkpoint.state_dict.get_model_state_dict) and merge it into an unsharded model"
+        )
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or type(weight) not in (
         torch.Tensor,
         nn.Parameter,
