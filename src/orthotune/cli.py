@@ -280,13 +280,7 @@ def _model_dir(args: argparse.Namespace) -> tuple[Path, str]:
 
 def _load_model(path: Path) -> tuple[Any, Any]:
     """Tokenizer and encoder (without a pooler where the class allows) from a local directory."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import transformers
-    except ImportError as error:
-        raise UsageError("orthotune finetune needs transformers: pip install 'orthotune[hf]'") from error
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    transformers = _transformers()
     try:
         try:
             # Mean pooling replaces the pooler: without it, 'all-linear' adapts only attention and feed-forward.
