@@ -29,12 +29,12 @@ from torch import nn
 from orthotune.adapter_layer import AdapterLayer, check_init_weights
 from orthotune.base_layer import LayerKind, weight_matrix
 from orthotune.functional import (
+    boft_generators,
     butterfly_dense,
     butterfly_permutations,
     butterfly_rotate_activations,
     butterfly_rotate_weight,
     cayley_exact,
-    skew_part,
 )
 from orthotune.oft import MultiplicativeDropoutLayer, _check_dropout, _checked_fan_in_fan_out
 
@@ -172,9 +172,7 @@ class BOFTLayer(AdapterLayer):
 
     def rotation_blocks(self, adapter_name: str) -> torch.Tensor:
         """``(m, D, b, b)`` fp32 orthogonal blocks of every factor, from one batched Cayley solve."""
-        square = self.boft_R[adapter_name].float()
-        generator = skew_part(square.transpose(-1, -2))  # Q = (Aᵀ - A)/2, see the module docstring
-        return cayley_exact(generator)
+        return cayley_exact(boft_generators(self.boft_R[adapter_name].float()))
 
     def _forward_blocks(self, adapter_name: str) -> torch.Tensor:
         return self.boft_dropout[adapter_name](self.rotation_blocks(adapter_name))

@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "adapter_model.safetensors"
 #: Prefix of every key in an adapter file: peft's ``PeftModel.base_model.model``.
 MODEL_PREFIX = "base_model.model."
-_ROTATION_SUFFIXES = (".oft_R.weight", ".oft_embedding_R.weight")
+#: Key endings of OFT rotation parameters in an adapter file (peft names an embedding's ``oft_embedding_R``).
+OFT_ROTATION_SUFFIXES = (".oft_R.weight", ".oft_embedding_R.weight")
 _LEGACY_SUFFIXES = (".oft_r", ".oft_s")
 
 
@@ -136,7 +137,7 @@ def to_peft_convention(config: AdapterConfig, tensors: Mapping[str, torch.Tensor
     Only OFT rotation generators in exact Cayley mode differ: peft's exact mode means ``R(-Q)``.
     """
     flip = isinstance(config, OFTConfig) and not config.use_cayley_neumann
-    return {key: -tensor if flip and key.endswith(_ROTATION_SUFFIXES) else tensor for key, tensor in tensors.items()}
+    return {key: -tensor if flip and key.endswith(OFT_ROTATION_SUFFIXES) else tensor for key, tensor in tensors.items()}
 
 
 # ------------------------------------------------------------------------------------------------- reading

@@ -27,22 +27,20 @@ from typing import Any
 
 import torch
 
-from orthotune.checkpoint import MODEL_PREFIX, AdapterFile
+from orthotune.checkpoint import MODEL_PREFIX, OFT_ROTATION_SUFFIXES, AdapterFile
 from orthotune.config import AdapterConfig, BOFTConfig, OFTConfig
 from orthotune.functional import (
     NEUMANN_WARN_NORM,
     block_size_from_packed,
+    boft_generators,
     cayley_exact,
     cayley_transform,
-    coft_radius,
     neumann_norm_bound,
     orthogonality_error,
-    project_to_ball,
+    project_coft,
     skew_from_packed,
-    skew_part,
 )
 
-_OFT_SUFFIXES = (".oft_R.weight", ".oft_embedding_R.weight")
 _BOFT_SUFFIXES = (".boft_R", ".boft_s")
 
 
@@ -117,18 +115,10 @@ def max_rotation_angle(rotations: torch.Tensor) -> float:
     return math.degrees(float(eigenvalues.angle().abs().max())) if eigenvalues.numel() else 0.0
 
 
-def oft_generators(packed: torch.Tensor, config: OFTConfig) -> torch.Tensor:
-    """``(r, b(b-1)/2)`` packed generators as the layer uses them: COFT-projected when ``config.coft``."""
-    packed = packed.double()
-    if config.coft:
-        packed = project_to_ball(packed, coft_radius(config.eps, packed.shape[0]))
-    return packed
-
-
 def oft_layer_report(name: str, packed: torch.Tensor, config: OFTConfig) -> LayerReport:
     """Report on one OFT layer from its ``(r, b(b-1)/2)`` generators, in orthotune's sign convention."""
     block_size = block_size_from_packed(packed.shape[-1])
-    used = oft_generators(packed, config)
+    used = project_coft(packed.double(), config.eps) if config.coft else packed.double()
     skew = skew_from_packed(used, block_size)
     neumann = config.use_cayley_neumann
     terms = config.num_cayley_neumann_terms
@@ -152,14 +142,9 @@ def oft_layer_report(name: str, packed: torch.Tensor, config: OFTConfig) -> Laye
     )
 
 
-def boft_generators(squares: torch.Tensor) -> torch.Tensor:
-    """``(m, D, b, b)`` skew generators ``Q = (Aᵀ − A)/2`` of BOFT's stored matrices ``A``."""
-    return skew_part(squares.double().transpose(-1, -2))
-
-
 def boft_layer_report(name: str, squares: torch.Tensor, scale: torch.Tensor | None) -> LayerReport:
     """Report on one BOFT layer from ``boft_R`` ``(m, D, b, b)`` and ``boft_s``."""
-    skew = boft_generators(squares)
+    skew = boft_generators(squares.double())
     rotations = cayley_exact(skew)
     factors, num_blocks, block_size = squares.shape[0], squares.shape[1], squares.shape[-1]
     return LayerReport(
@@ -193,7 +178,7 @@ def inspect_adapter(file: AdapterFile) -> AdapterReport:
     used: set[str] = set()
     for key in sorted(file.tensors):
         name = _strip_prefix(key)
-        if isinstance(config, OFTConfig) and key.endswith(_OFT_SUFFIXES):
+        if isinstance(config, OFTConfig) and key.endswith(OFT_ROTATION_SUFFIXES):
             layers.append(oft_layer_report(name.rsplit(".", 2)[0], file.tensors[key], config))
             used.add(key)
         elif isinstance(config, BOFTConfig) and key.endswith(".boft_R"):

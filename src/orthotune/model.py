@@ -265,8 +265,24 @@ class _Plan:
 
 
 # ----------------------------------------------------------------------------------------------- the model
-class OrthoTuner(nn.Module):
+class _ForwardsAttributes(nn.Module):
+    """Attributes this module lacks are read from the module it wraps (named by ``_inner``)."""
+
+    _inner: str
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self._inner:
+                raise
+            return getattr(getattr(self, self._inner), name)
+
+
+class OrthoTuner(_ForwardsAttributes):
     """Holds the adapted model as ``model``: peft's ``PeftModel.base_model``, which makes the keys peft's."""
+
+    _inner = "model"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -275,16 +291,8 @@ class OrthoTuner(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
 
-
-class OrthoModel(ActiveAdapters, nn.Module):
+class OrthoModel(ActiveAdapters, _ForwardsAttributes):
     """A model with named OFT/BOFT adapters and peft's ``PeftModel`` API (also exported as ``PeftModel``).
 
     Calls and attributes not defined here go to the wrapped model (``model.config``, ``generate``,
@@ -295,6 +303,8 @@ class OrthoModel(ActiveAdapters, nn.Module):
         peft_config: the first adapter's config, or ``None`` to start without adapters.
         adapter_name: the first adapter's name.
     """
+
+    _inner = "base_model"
 
     def __init__(self, model: nn.Module, peft_config: AdapterConfig | None = None, adapter_name: str = "default"):
         super().__init__()
@@ -313,14 +323,6 @@ class OrthoModel(ActiveAdapters, nn.Module):
             self.add_adapter(adapter_name, peft_config)
 
     # ------------------------------------------------------------------------------------- pass-through
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
     def get_base_model(self) -> nn.Module:
         """The wrapped model itself, with its adapted layers in place."""
         return self.base_model.model

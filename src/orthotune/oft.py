@@ -27,12 +27,11 @@ from orthotune.functional import (
     NEUMANN_WARN_NORM,
     block_diagonal,
     cayley_transform,
-    coft_radius,
     drop_blocks_to_identity,
     drop_factor_blocks_to_identity,
     neumann_norm_bound,
     packed_size,
-    project_to_ball,
+    project_coft,
     rotate_activations,
     rotate_weight,
     skew_from_packed,
@@ -130,9 +129,7 @@ class OFTRotationModule(nn.Module):
     def packed_generators(self) -> torch.Tensor:
         """``(r, b(b-1)/2)`` packed generators in fp32 as the rotation uses them (COFT-projected when ``coft``)."""
         packed = self.weight.float()
-        if self.coft:
-            packed = project_to_ball(packed, coft_radius(self.eps, packed.shape[0]))
-        return packed
+        return project_coft(packed, self.eps) if self.coft else packed
 
     def generators(self) -> torch.Tensor:
         """``(r, b, b)`` skew generators in fp32, after the COFT projection when ``coft``."""

@@ -23,11 +23,12 @@ from orthotune.functional.cayley import (
     neumann_norm_bound,
     orthogonality_error,
 )
-from orthotune.functional.coft import coft_radius, project_to_ball
+from orthotune.functional.coft import coft_radius, project_coft, project_to_ball
 from orthotune.functional.dropout import drop_blocks_to_identity, drop_factor_blocks_to_identity
 from orthotune.functional.rotate import block_diagonal, rotate_activations, rotate_weight, unrotate_weight
 from orthotune.functional.skew import (
     block_size_from_packed,
+    boft_generators,
     packed_from_skew,
     packed_size,
     skew_from_packed,
@@ -38,6 +39,7 @@ __all__ = [
     "NEUMANN_WARN_NORM",
     "block_diagonal",
     "block_size_from_packed",
+    "boft_generators",
     "butterfly_dense",
     "butterfly_permutation",
     "butterfly_permutations",
@@ -53,6 +55,7 @@ __all__ = [
     "orthogonality_error",
     "packed_from_skew",
     "packed_size",
+    "project_coft",
     "project_to_ball",
     "rotate_activations",
     "rotate_weight",

@@ -22,6 +22,14 @@ def coft_radius(eps: float, num_stored_blocks: int) -> float:
     return eps / math.sqrt(num_stored_blocks)
 
 
+def project_coft(packed: torch.Tensor, eps: float) -> torch.Tensor:
+    """COFT-project ``(r, b(b-1)/2)`` packed generators with peft's radius for ``r`` stored rows.
+
+    The radius is ``eps / √r`` (``eps`` for one shared block): see :func:`coft_radius`.
+    """
+    return project_to_ball(packed, coft_radius(eps, packed.shape[0]))
+
+
 def project_to_ball(packed: torch.Tensor, radius: float) -> torch.Tensor:
     """Scale each packed generator so that its skew matrix has ``‖Q‖_F ≤ radius``.
 

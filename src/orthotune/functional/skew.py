@@ -65,3 +65,12 @@ def packed_from_skew(skew: torch.Tensor) -> torch.Tensor:
 def skew_part(square: torch.Tensor) -> torch.Tensor:
     """``(A - Aᵀ) / 2`` for ``(..., b, b)`` matrices: the skew-symmetric part of an unconstrained matrix."""
     return 0.5 * (square - square.transpose(-1, -2))
+
+
+def boft_generators(square: torch.Tensor) -> torch.Tensor:
+    """BOFT's generators ``Q = (Aᵀ - A)/2`` of stored matrices ``A`` ``(..., b, b)``.
+
+    The sign is the one under which peft's ``boft_R`` files mean the same rotation with this library's Cayley
+    convention (peft computes ``(I - S)(I + S)⁻¹`` with ``S = (A - Aᵀ)/2``, which is ``R(-S)``).
+    """
+    return skew_part(square.transpose(-1, -2))
