@@ -7,6 +7,10 @@ compares against an independent truth.
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+import sys
+import types
 import warnings
 from collections.abc import Iterator
 
@@ -18,6 +22,18 @@ from hypothesis import settings
 # ``@settings(max_examples=..., deadline=None)`` inherit this profile's other values.
 settings.register_profile("orthotune", derandomize=True, deadline=None, print_blob=True)
 settings.load_profile("orthotune")
+
+
+def load_benchmark(name: str) -> types.ModuleType:
+    """Import ``benchmarks/<name>.py``: tests check the very code that produces the figures in the docs."""
+    if name in sys.modules:
+        return sys.modules[name]
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -7,13 +7,11 @@ the code these tests check.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import warnings
 
 import pytest
 import torch
-from conftest import rel_err, rotation_reference
+from conftest import load_benchmark, rel_err, rotation_reference
 from torch import nn
 
 import orthotune
@@ -21,10 +19,7 @@ from orthotune import oft
 
 pytest.importorskip("transformers")
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "activation_memory.py"
-_spec = importlib.util.spec_from_file_location("activation_memory", _SCRIPT)
-activation_memory = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(activation_memory)
+activation_memory = load_benchmark("activation_memory")
 
 BATCH, SEQ, HIDDEN = 2, 64, 64
 #: Smallest activation of the tiny Llama: one token row of the narrowest adapted width, for the whole batch.

@@ -27,6 +27,7 @@ from orthotune.base_layer import (
     weight_matrix,
     write_weight_matrix,
 )
+from orthotune.quantized import quantized_backend
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class AdapterLayer(ActiveAdapters, nn.Module):
         self._active_adapters: list[str] = []
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        # For a quantized base layer, the packed weight as it was before each merge (see unmerge).
+        self._storage_before_merge: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------------------- adapters
     def get_base_layer(self) -> nn.Module:
@@ -254,16 +257,27 @@ class AdapterLayer(ActiveAdapters, nn.Module):
                 raise ValueError(
                     f"merging adapter {name!r} gives non-finite weights; the adapter is broken, not merged"
                 )
+            backend = quantized_backend(self.base_layer)
+            if backend is not None:
+                self._storage_before_merge.append(backend.storage(self.base_layer))
             write_weight_matrix(self.base_layer, self.kind, merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Undo every merge, last merged first, giving back the original weight."""
+        """Undo every merge, last merged first, giving back the original weight.
+
+        A quantized base layer gets back the packed weight it had before the merge, bit for bit: undoing the
+        rotation on the dequantized weight and quantizing again would round a second time.
+        """
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
+            backend = quantized_backend(self.base_layer)
+            if backend is not None and self._storage_before_merge:
+                backend.restore(self.base_layer, self._storage_before_merge.pop())
+                continue
             with torch.no_grad():
                 restored = self._unmerged_weight(weight_matrix(self.base_layer, self.kind).float(), name)
             write_weight_matrix(self.base_layer, self.kind, restored)

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from orthotune.quantized import quantized_backend
+
 
 class LayerKind(enum.Enum):
     LINEAR = "linear"  # weight (out, in); also any module with in_features / out_features
@@ -82,13 +84,19 @@ def plain_weight(base_layer: nn.Module) -> torch.Tensor:
             "tensor parallelism); save the adapter (save_pretrained with a full state dict from "
             "torch.distributed.checkpoint.state_dict.get_model_state_dict) and merge it into an unsharded model"
         )
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or type(weight) not in (
-        torch.Tensor,
-        nn.Parameter,
+    if (
+        not isinstance(weight, torch.Tensor)
+        or not weight.is_floating_point()
+        or type(weight)
+        not in (
+            torch.Tensor,
+            nn.Parameter,
+        )
     ):
         raise NotImplementedError(
             f"cannot merge into {type(base_layer).__name__}: its weight is not a plain floating-point tensor "
-            "(a quantized layer?); keep the adapter unmerged, or dequantize the base model before merging"
+            "and not one of the quantized formats orthotune can requantize (bitsandbytes 4/8-bit, torchao int8, "
+            "optimum-quanto, HQQ); keep the adapter unmerged, or dequantize the base model before merging"
         )
     return weight
 
@@ -97,7 +105,11 @@ def weight_matrix(base_layer: nn.Module, kind: LayerKind) -> torch.Tensor:
     """The weight as the ``(out, d)`` matrix ``W`` of ``y = x Wᵀ`` (a view where possible).
 
     For an embedding, whose rows are the outputs being rotated, the matrix is the ``(num, dim)`` table itself.
+    A quantized linear layer gives its dequantized weight (a new float32 tensor).
     """
+    backend = quantized_backend(base_layer)
+    if backend is not None:
+        return backend.dequantize(base_layer)
     weight = plain_weight(base_layer)
     if kind is LayerKind.CONV1D:
         return weight.t()
@@ -105,7 +117,14 @@ def weight_matrix(base_layer: nn.Module, kind: LayerKind) -> torch.Tensor:
 
 
 def write_weight_matrix(base_layer: nn.Module, kind: LayerKind, matrix: torch.Tensor) -> None:
-    """Store an ``(out, d)`` matrix (see :func:`weight_matrix`) back into the base weight, in its dtype."""
+    """Store an ``(out, d)`` matrix (see :func:`weight_matrix`) back into the base weight, in its dtype.
+
+    A quantized linear layer quantizes the matrix again with its own settings.
+    """
+    backend = quantized_backend(base_layer)
+    if backend is not None:
+        backend.requantize(base_layer, matrix)
+        return
     weight = plain_weight(base_layer)
     if kind is LayerKind.CONV1D:
         matrix = matrix.t()

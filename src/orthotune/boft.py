@@ -114,8 +114,10 @@ class BOFTLayer(AdapterLayer):
             hint = f"boft_block_num in {[features // b for b in sizes][::-1][:12]}"
         else:
             hint = f"boft_block_size in {sizes[:12]}"
-        at_most = "" if features % value else (
-            f" (with this block size at most boft_n_butterfly_factor={_max_factors(features, block_size)})"
+        at_most = (
+            ""
+            if features % value
+            else (f" (with this block size at most boft_n_butterfly_factor={_max_factors(features, block_size)})")
         )
         raise ValueError(
             f"{argument}={value} does not fit {features} features with boft_n_butterfly_factor={num_factors}: "

@@ -67,8 +67,12 @@ class ModulesToSaveWrapper(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_") or name in ("original_module", "modules_to_save", "active_adapter",
-                                                 "disable_adapters"):
+            if name.startswith("_") or name in (
+                "original_module",
+                "modules_to_save",
+                "active_adapter",
+                "disable_adapters",
+            ):
                 raise
             return getattr(self.active_module, name)
 

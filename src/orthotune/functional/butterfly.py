@@ -90,9 +90,7 @@ def _then(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tens
     return first[second]
 
 
-def _apply_factors(
-    x: torch.Tensor, steps: list[tuple[torch.Tensor, torch.Tensor | None]]
-) -> torch.Tensor:
+def _apply_factors(x: torch.Tensor, steps: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
     """Apply ``x ↦ x P B Pᵀ`` for each ``(B, p)`` in order; ``p=None`` marks the identity permutation."""
     pending: torch.Tensor | None = None  # gather owed to x before the next block product
     for blocks, permutation in steps:
@@ -119,9 +117,7 @@ def _steps(
     return [(blocks[i], perms[i]) for i in reversed(range(num_factors))]  # x M = x F_{m-1} ⋯ F_0
 
 
-def butterfly_rotate_activations(
-    x: torch.Tensor, blocks: torch.Tensor, permutations: torch.Tensor
-) -> torch.Tensor:
+def butterfly_rotate_activations(x: torch.Tensor, blocks: torch.Tensor, permutations: torch.Tensor) -> torch.Tensor:
     """``x M`` for the butterfly rotation ``M = F_{m-1} ⋯ F_0``, factor by factor.
 
     Args:
