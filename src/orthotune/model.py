@@ -50,6 +50,7 @@ from orthotune.checkpoint import (
 )
 from orthotune.config import ALL_LINEAR, AdapterConfig, BOFTConfig, OFTConfig
 from orthotune.modules_to_save import ModulesToSaveWrapper
+from orthotune.quantized import quantized_backend
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +59,20 @@ __all__ = ["OrthoModel", "OrthoTuner", "PeftModel", "get_peft_model", "is_target
 #: ``target_modules`` when a config gives none, by transformers ``model_type`` (peft's choices).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "bart", "gptj", "gpt_neo",
-         "stablelm"],
+        [
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "opt",
+            "bart",
+            "gptj",
+            "gpt_neo",
+            "stablelm",
+        ],
         ["q_proj", "v_proj"],
     ),
     **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "layoutlm"], ["query", "value"]),
@@ -132,7 +145,8 @@ def is_target_module(config: AdapterConfig, key: str) -> bool:
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, AdapterLayer):
         return module.kind in (LayerKind.LINEAR, LayerKind.CONV1D)
-    return isinstance(module, nn.Linear) or is_transformers_conv1d(module)
+    # A quantized linear layer need not subclass nn.Linear (HQQ's HQQLinear does not).
+    return isinstance(module, nn.Linear) or is_transformers_conv1d(module) or quantized_backend(module) is not None
 
 
 def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -503,7 +517,8 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
             return {
                 name: parameter
                 for name, parameter in self.get_base_model().named_parameters()
-                if name.rpartition(".")[2] == "bias" and ".modules_to_save." not in f".{name}"
+                if name.rpartition(".")[2] == "bias"
+                and ".modules_to_save." not in f".{name}"
                 and ".original_module." not in f".{name}"
             }
         if bias == "none":
@@ -712,7 +727,11 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         model = self.get_base_model()
         config.inference_mode = True
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(model, "name_or_path", None) or None
+            # transformers models carry name_or_path; diffusers models keep it in their config (peft writes null).
+            model_config = getattr(model, "config", None)
+            name = getattr(model, "name_or_path", None) or getattr(model_config, "_name_or_path", None)
+            name = os.fspath(name) if isinstance(name, os.PathLike) else name
+            config.base_model_name_or_path = name if isinstance(name, str) and name else None
         if config.task_type is None:
             config.auto_mapping = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
         return config
@@ -794,7 +813,12 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         config: AdapterConfig | None = None,
         **kwargs: Any,
     ) -> OrthoModel:
-        """Wrap ``model`` and load the adapter in ``model_id`` (see :meth:`load_adapter`)."""
+        """Wrap ``model`` and load the adapter in ``model_id`` (see :meth:`load_adapter`).
+
+        As in peft, the adapter layers go into ``model`` itself: a pipeline component stays what it was, so
+        ``PeftModel.from_pretrained(pipe.unet, path)`` is all a diffusers pipeline needs; keep the returned
+        wrapper to merge (``merge_and_unload()`` returns that same, now plain, ``pipe.unet``), unload or save.
+        """
         wrapped = cls(model)
         wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, **kwargs)
         return wrapped
