@@ -10,11 +10,13 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 from conftest import rel_err
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, token_batch
+from torch import nn
 
 import orthotune
 from orthotune import BOFTConfig, OFTConfig, get_peft_model
@@ -337,3 +339,15 @@ def test_importing_orthotune_imports_neither_transformers_nor_peft() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_wrapping_a_model_that_already_holds_adapters_warns_and_keeps_both() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    config = OFTConfig(r=0, oft_block_size=4, target_modules=["0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = get_peft_model(model, config)  # a fresh model: no warning
+    with pytest.warns(UserWarning, match="already holds orthotune adapter layers"):
+        second = orthotune.PeftModel(first.get_base_model(), config, adapter_name="other")
+    assert set(second.get_base_model()[0].adapter_names) == {"default", "other"}

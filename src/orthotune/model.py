@@ -324,6 +324,16 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         super().__init__()
         if isinstance(model, OrthoModel):
             raise TypeError("the model is already an OrthoModel; add adapters with add_adapter(name, config)")
+        adapted = [name for name, module in model.named_modules() if isinstance(module, AdapterLayer)]
+        if adapted:
+            # Adapting in place (as from_pretrained(pipe.unet, ...) does) twice leaves the first adapters in the
+            # layers, inactive but still there; peft warns about the same thing.
+            warnings.warn(
+                f"the model already holds orthotune adapter layers ({adapted[0]!r} and {len(adapted) - 1} more): "
+                "the new adapter is added next to the old ones, which stay in the model; keep the first "
+                "OrthoModel and call add_adapter / load_adapter on it, or unload() it before wrapping again",
+                stacklevel=2,
+            )
         self.base_model = OrthoTuner(model)
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active_adapters: list[str] = []
