@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[test,quant,diffusers]"
+.venv/bin/pip install -q -e ".[test,quant,diffusers,deepspeed]"
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

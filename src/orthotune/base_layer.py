@@ -8,8 +8,11 @@ matrix ``W`` of ``y = x Wᵀ``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -72,6 +75,20 @@ def rotated_features(base_layer: nn.Module, kind: LayerKind) -> int:
     return in_features
 
 
+#: True while orthotune.distributed holds a DeepSpeed ZeRO-3 layer gathered so that merging may write into it.
+_ZERO3_GATHERED = contextvars.ContextVar("zero3_gathered", default=False)
+
+
+@contextlib.contextmanager
+def zero3_weights_gathered() -> Iterator[None]:
+    """Mark the enclosed merge as running on ZeRO-3 parameters gathered for it (see orthotune.distributed)."""
+    token = _ZERO3_GATHERED.set(True)
+    try:
+        yield
+    finally:
+        _ZERO3_GATHERED.reset(token)
+
+
 def plain_weight(base_layer: nn.Module) -> torch.Tensor:
     """The base layer's floating-point weight, or a clear error for layers that store it otherwise."""
     try:
@@ -84,15 +101,16 @@ def plain_weight(base_layer: nn.Module) -> torch.Tensor:
             "tensor parallelism); save the adapter (save_pretrained with a full state dict from "
             "torch.distributed.checkpoint.state_dict.get_model_state_dict) and merge it into an unsharded model"
         )
-    if (
-        not isinstance(weight, torch.Tensor)
-        or not weight.is_floating_point()
-        or type(weight)
-        not in (
-            torch.Tensor,
-            nn.Parameter,
+    if hasattr(weight, "ds_id") and not _ZERO3_GATHERED.get():
+        # Outside a forward pass the weight is an empty placeholder, or a copy that ZeRO-3 may have kept gathered
+        # and will overwrite with its own partitions: a merge written there would be lost without a word.
+        raise NotImplementedError(
+            f"cannot merge into {type(base_layer).__name__}: its weight is partitioned by DeepSpeed ZeRO-3; call "
+            "orthotune.distributed.merge_adapter_zero3(model) (or unmerge_adapter_zero3) on every rank, which "
+            "gathers each layer, merges and lets ZeRO-3 partition the result"
         )
-    ):
+    plain = type(weight) in (torch.Tensor, nn.Parameter)
+    if not plain or not weight.is_floating_point():
         raise NotImplementedError(
             f"cannot merge into {type(base_layer).__name__}: its weight is not a plain floating-point tensor "
             "and not one of the quantized formats orthotune can requantize (bitsandbytes 4/8-bit, torchao int8, "

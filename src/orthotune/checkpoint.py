@@ -295,9 +295,20 @@ def copy_tensors(file: AdapterFile, targets: Mapping[str, torch.Tensor]) -> None
 def _legacy_boft_config(raw: dict[str, Any]) -> BOFTConfig:
     shared = {
         key: raw[key]
-        for key in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save",
-                    "init_weights", "fan_in_fan_out", "task_type", "inference_mode", "base_model_name_or_path",
-                    "revision", "auto_mapping")
+        for key in (
+            "target_modules",
+            "exclude_modules",
+            "layers_to_transform",
+            "layers_pattern",
+            "modules_to_save",
+            "init_weights",
+            "fan_in_fan_out",
+            "task_type",
+            "inference_mode",
+            "base_model_name_or_path",
+            "revision",
+            "auto_mapping",
+        )
         if key in raw
     }
     r, block_size = raw.get("r", 0), raw.get("oft_block_size", 0)

@@ -27,7 +27,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +147,18 @@ def _is_linear(module: nn.Module) -> bool:
         return module.kind in (LayerKind.LINEAR, LayerKind.CONV1D)
     # A quantized linear layer need not subclass nn.Linear (HQQ's HQQLinear does not).
     return isinstance(module, nn.Linear) or is_transformers_conv1d(module) or quantized_backend(module) is not None
+
+
+def _refuse_partitioned(tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse to write DeepSpeed ZeRO-3 placeholders (empty tensors standing for partitioned parameters)."""
+    empty = [key for key, value in tensors.items() if hasattr(value, "ds_id") and value.numel() == 0]
+    if empty:
+        raise ValueError(
+            f"cannot save {empty[0]!r} (and {len(empty) - 1} more): DeepSpeed ZeRO-3 has partitioned it and this "
+            "process holds an empty placeholder; gather the adapter first, on every rank: "
+            "`with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]): "
+            "model.save_pretrained(path, is_main_process=rank == 0)`"
+        )
 
 
 def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -592,6 +604,15 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
     # ------------------------------------------------------------------------------------------ merging
     def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
         """Merge adapters into the base weights (default: the active ones, in order)."""
+        self._merge_layers(adapter_names, safe_merge, around=lambda layer: contextlib.nullcontext())
+
+    def _merge_layers(
+        self,
+        adapter_names: Sequence[str] | None,
+        safe_merge: bool,
+        around: Callable[[AdapterLayer], contextlib.AbstractContextManager[Any]],
+    ) -> None:
+        """Merge layer by layer, each inside ``around(layer)`` (a distributed wrapper gathers the layer there)."""
         names = None if adapter_names is None else list(adapter_names)
         unknown = [name for name in names or [] if name not in self.peft_config]
         if unknown:
@@ -603,7 +624,8 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
                 to_merge.append((name, layer, wanted))
         self._check_untied([(name, layer) for name, layer, _ in to_merge])
         for _, layer, wanted in to_merge:
-            layer.merge(safe_merge=safe_merge, adapter_names=wanted)
+            with around(layer):
+                layer.merge(safe_merge=safe_merge, adapter_names=wanted)
 
     def _check_untied(self, layers: list[tuple[str, AdapterLayer]]) -> None:
         """Refuse to merge into a weight that another module shares (tied input and output embeddings)."""
@@ -680,13 +702,17 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         unknown = [name for name in names if name not in self.peft_config]
         if unknown:
             raise ValueError(f"selected_adapters={unknown}: this model has adapters {list(self.peft_config)}")
-        if not is_main_process:
-            return
         own_keys = {id(value): key for key, value in self.state_dict(keep_vars=True).items()} if state_dict else {}
+        files = {}
         for name in names:
             tensors = self._adapter_file_tensors(name, save_embedding_layers)
             if state_dict is not None:
                 tensors = {key: state_dict.get(own_keys.get(id(value), ""), value) for key, value in tensors.items()}
+            _refuse_partitioned(tensors)  # on every process, so that all of them stop, not only the writer
+            files[name] = tensors
+        if not is_main_process:
+            return
+        for name, tensors in files.items():
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
             save_adapter_files(directory, self._config_for_file(name), tensors)
 

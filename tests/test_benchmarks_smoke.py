@@ -1,0 +1,61 @@
+"""Smoke test of the benchmark scripts behind BENCHMARKS.md: they run end to end and produce sane tables.
+
+Each script runs in ``--quick`` mode in a subprocess, as a user would run it; nothing here asserts a
+timing (the machine is shared and noisy), only that every expected row is there with positive figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> str:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_layer_step_quick(tmp_path: Path) -> None:
+    out = tmp_path / "layer.json"
+    stdout = run_script("layer_step.py", "--quick", "--markdown", "--json", str(out))
+    assert "torch threads: 1" in stdout
+    rows = json.loads(out.read_text())
+    labels = {(r["impl"], r["label"]) for r in rows}
+    for impl in ("orthotune", "peft"):
+        for label in ("OFT b=8 exact", "OFT b=8 neumann", "COFT b=8 exact", "OFT b=8 exact block_share",
+                      "BOFT b=4 m=1", "BOFT b=4 m=2"):  # fmt: skip
+            assert (impl, label) in labels
+            assert f"| {impl} | {label} |" in stdout
+    assert ("frozen", "nn.Linear(64, 64)") in labels
+    for r in rows:
+        assert r["note"] is None, r
+        for op in ("step", "infer"):
+            assert r[op]["ms"]["median"] > 0 and r[op]["ratio"]["median"] > 0
+            assert r[op]["ratio"]["p25"] <= r[op]["ratio"]["median"] <= r[op]["ratio"]["p75"]
+        if r["impl"] == "orthotune":
+            assert r["peft_over_ours"]["median"] > 0
+        if r["impl"] != "frozen":
+            assert r["n_params"] > 0
+
+
+def test_model_step_quick(tmp_path: Path) -> None:
+    out = tmp_path / "model.json"
+    stdout = run_script("model_step.py", "--quick", "--only", "orthotune-oft-b32", "--json", str(out))
+    results = json.loads(out.read_text())
+    steps = {r["name"]: r for r in results["steps"]}
+    assert set(steps) == {"orthotune-oft-b32", "peft-lora-r16"}
+    assert all(r["ms"] > 0 and r["vs_lora"] > 0 and r["params"] > 0 for r in steps.values())
+    memory = {r["name"]: r for r in results["memory"]}
+    assert set(memory) == {"orthotune-oft-b32", "peft-lora-r16"}
+    for r in memory.values():
+        assert all(v > 0 for v in r["rss_mib"] + r["live_mib"])
+    assert "peak RSS growth" in stdout and "orthotune-oft-b32" in stdout
