@@ -305,6 +305,16 @@ def test_rotate_activations_gradients_equal_the_dense_products(
     assert rel_err(grads[1], expected[1]) <= 1e-12
 
 
+def test_rotate_activations_is_row_major_unless_asked_to_keep_the_product_layout() -> None:
+    x = randn(3, 4, 24, seed=0, dtype=torch.float32)
+    blocks = randn(3, 8, 8, seed=1, dtype=torch.float32)
+    row_major = rotate_activations(x, blocks)
+    as_computed = rotate_activations(x, blocks, row_major=False)
+    assert row_major.is_contiguous() and not as_computed.is_contiguous()
+    assert torch.equal(row_major, as_computed)
+    assert rel_err(row_major, x.double() @ dense_block_diag(blocks.double())) <= 1e-5
+
+
 def test_rotate_activations_backward_passes_gradcheck_and_gradgradcheck() -> None:
     x = randn(3, 2, 12, seed=0, dtype=torch.float64).requires_grad_(True)
     blocks = randn(3, 4, 4, seed=1, dtype=torch.float64).requires_grad_(True)

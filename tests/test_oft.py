@@ -844,3 +844,38 @@ def test_neumann_warning_judges_the_coft_projected_generator_that_is_used() -> N
     layer = _neumann_layer(5.0, coft=True, eps=6e-5)
     assert (torch.linalg.matrix_norm(layer.oft_R["a"].generators().detach()) <= 6e-5).all()
     assert _neumann_warnings(lambda: layer(torch.randn(2, D))) == []
+
+
+class _RowMajorOnlyLinear(nn.Linear):
+    """A kernel that reads its input's memory as row-major whatever the strides say (as some quantized
+    kernels do): it gives wrong results on any other layout, so the wrapper must hand it a contiguous input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = torch.as_strided(x, (x.numel() // x.shape[-1], x.shape[-1]), (x.shape[-1], 1))
+        return (rows @ self.weight.t() + self.bias).reshape(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("adapter", ["oft", "boft"])
+def test_layers_that_assume_row_major_input_get_it_and_nn_linear_reads_the_rotated_layout_as_is(
+    adapter: str,
+) -> None:
+    from orthotune import boft
+
+    torch.manual_seed(0)
+    plain, row_major_only = nn.Linear(64, 24), _RowMajorOnlyLinear(64, 24)
+    row_major_only.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 5, 64)
+
+    def wrap(base: nn.Module) -> nn.Module:
+        if adapter == "oft":
+            return Linear(base, "default", r=0, oft_block_size=16, init_weights=False)
+        return boft.Linear(base, "default", boft_block_size=8, boft_n_butterfly_factor=2, init_weights=False)
+
+    expected = wrap(plain).eval()
+    checked = wrap(row_major_only).eval()
+    checked.load_state_dict(expected.state_dict())
+    seen: list[torch.Tensor] = []
+    expected.base_layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    reference = expected(x)
+    assert not seen[0].is_contiguous()  # nn.Linear reads the rotated, column-major input: no copy was made
+    assert rel_err(checked(x), reference) < 1e-6

@@ -23,6 +23,7 @@ from orthotune.base_layer import (
     LayerKind,
     in_out_features,
     layer_kind,
+    reads_any_layout,
     rotated_features,
     weight_matrix,
     write_weight_matrix,
@@ -123,6 +124,7 @@ class AdapterLayer(ActiveAdapters, nn.Module):
         self.kind = layer_kind(base_layer)
         self.in_features, self.out_features = in_out_features(base_layer, self.kind)
         self.rotated_features = rotated_features(base_layer, self.kind)
+        self._base_reads_any_layout = reads_any_layout(base_layer)
         self._active_adapters: list[str] = []
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -231,6 +233,12 @@ class AdapterLayer(ActiveAdapters, nn.Module):
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def _base_forward_on_rotated(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer on rotated activations, which may be column-major (see ``rotate_activations``)."""
+        if not self._base_reads_any_layout:
+            x = x.contiguous()
+        return self.base_layer(x, *args, **kwargs)
 
     # -------------------------------------------------------------------------------------------- merge
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -55,6 +55,16 @@ def layer_kind(base_layer: nn.Module) -> LayerKind:
     )
 
 
+def reads_any_layout(base_layer: nn.Module) -> bool:
+    """Whether the layer takes a column-major input as it is (rotated activations come in that layout).
+
+    torch's own ``nn.Linear`` and transformers' ``Conv1D`` hand their input to a matmul, which reads any
+    strides. Anything else (a quantized kernel, a subclass with its own forward) gets a row-major copy: some
+    kernels assume it and compute garbage otherwise (bitsandbytes' 4-bit CPU kernel does).
+    """
+    return type(base_layer) is nn.Linear or is_transformers_conv1d(base_layer)
+
+
 def in_out_features(base_layer: nn.Module, kind: LayerKind) -> tuple[int, int]:
     """peft's ``(in_features, out_features)``: channels for Conv2d, ``(dim, num)`` for an embedding."""
     if kind is LayerKind.EMBEDDING:

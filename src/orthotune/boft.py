@@ -249,18 +249,19 @@ class Linear(_BOFTConstructor):
         scale: torch.Tensor | None = None
         for name in reversed(active):  # the first active adapter sits next to the base layer
             blocks = self._forward_blocks(name).to(x.dtype)
-            x = butterfly_rotate_activations(x, blocks, self._permutation_index(name))
+            x = butterfly_rotate_activations(x, blocks, self._permutation_index(name), row_major=False)
             adapter_scale = self.boft_s[name].squeeze(-1)
             scale = adapter_scale if scale is None else scale * adapter_scale
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_forward_on_rotated(x, *args, **kwargs)
         assert scale is not None
         scale = scale.to(result.dtype)
         bias = getattr(self.base_layer, "bias", None)
         if bias is None:
             return result * scale
-        # The scale multiplies the rotated product only, as in peft and in the merged weight.
+        # The scale multiplies the rotated product only, as in peft and in the merged weight:
+        # (result - b) s + b, in one pass over the output.
         bias = bias.to(result.dtype)
-        return (result - bias) * scale + bias
+        return torch.addcmul(bias - bias * scale, result, scale)
 
 
 class Conv2d(_BOFTConstructor):

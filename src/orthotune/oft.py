@@ -380,8 +380,8 @@ class Linear(_OFTConstructor):
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         for name in reversed(active):  # the first active adapter sits next to the base layer
-            x = rotate_activations(x, self._rotation_blocks(name).to(x.dtype))
-        return self.base_layer(x, *args, **kwargs)
+            x = rotate_activations(x, self._rotation_blocks(name).to(x.dtype), row_major=False)
+        return self._base_forward_on_rotated(x, *args, **kwargs)
 
 
 class Conv2d(_OFTConstructor):

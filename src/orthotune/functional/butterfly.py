@@ -97,7 +97,7 @@ def _apply_factors(x: torch.Tensor, steps: list[tuple[torch.Tensor, torch.Tensor
         gather = _then(pending, None if permutation is None else _inverse(permutation))
         if gather is not None:
             x = permute_features(x, gather)
-        x = rotate_activations(x, blocks)
+        x = rotate_activations(x, blocks, row_major=False)
         pending = permutation
     return x if pending is None else permute_features(x, pending)
 
@@ -117,18 +117,23 @@ def _steps(
     return [(blocks[i], perms[i]) for i in reversed(range(num_factors))]  # x M = x F_{m-1} ⋯ F_0
 
 
-def butterfly_rotate_activations(x: torch.Tensor, blocks: torch.Tensor, permutations: torch.Tensor) -> torch.Tensor:
+def butterfly_rotate_activations(
+    x: torch.Tensor, blocks: torch.Tensor, permutations: torch.Tensor, row_major: bool = True
+) -> torch.Tensor:
     """``x M`` for the butterfly rotation ``M = F_{m-1} ⋯ F_0``, factor by factor.
 
     Args:
         x: ``(..., d)``.
         blocks: ``(m, D, b, b)`` orthogonal blocks of each factor, in the dtype of ``x``.
         permutations: ``(m, d)`` from :func:`butterfly_permutations`.
+        row_major: as in :func:`~orthotune.functional.rotate_activations`: ``False`` may leave the result
+            column-major, for a matmul to read without a copy.
 
     Returns:
         ``(..., d)``.
     """
-    return _apply_factors(x, _steps(blocks, permutations, transpose=False))
+    rotated = _apply_factors(x, _steps(blocks, permutations, transpose=False))
+    return rotated.contiguous() if row_major else rotated
 
 
 def butterfly_rotate_weight(weight: torch.Tensor, blocks: torch.Tensor, permutations: torch.Tensor) -> torch.Tensor:

@@ -35,33 +35,35 @@ def tile_blocks(blocks: torch.Tensor, width: int = TILE_WIDTH) -> torch.Tensor:
 
 
 class _BlockDiagonalProduct(torch.autograd.Function):
-    """``x R`` for ``x: (m, D·b)`` and blocks ``(D, b, b)``, as one batched matmul over blocks.
+    """``x R`` for ``x: (m, D·b)`` and blocks ``(D, b, b)``, as one batched matmul over blocks, without copies.
 
-    Autograd's own rule for the equivalent view-bmm-view chain hands ``bmm`` its gradient in a layout that
-    torch multiplies block by block, with a copy per block (several times the cost of the products). Here
-    each product gets operands in a layout ``bmm`` takes whole: the strided ``(D, m, b)`` view of ``x`` in
-    forward (measured as fast as copying it first, without the copy), contiguous copies in backward, where the
-    weight gradient is about twice as fast on them. Only ``x`` itself is saved, so layers that share an input
-    (``q``, ``k``, ``v``) share what backward keeps.
+    Forward computes the transpose, ``(x R)ᵀ`` block by block (``R_jᵀ x_jᵀ``), into a contiguous ``(D·b, m)``
+    buffer and returns its transposed view: an ``(m, D·b)`` tensor in column-major layout, which a linear
+    layer's matmul reads as it is (BLAS takes a transpose flag), so neither the input nor the output is copied
+    into a block-major layout. Backward reads both ``x`` and the gradient in place as strided ``(D, ·, ·)``
+    batches; only the input gradient is made row-major again, so that the rest of the model sees the usual
+    layout. Autograd's own rule for a view-bmm-view chain multiplied block by block with a copy per block.
+    Only ``x`` itself is saved, so layers that share an input (``q``, ``k``, ``v``) share what backward keeps.
     """
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, blocks)
-        return _unblock(torch.bmm(_block_view(x, blocks.shape[0]), blocks))
+        rows, width = x.shape
+        transposed = torch.bmm(blocks.transpose(1, 2), _block_view(x, blocks.shape[0]).transpose(1, 2))
+        return transposed.view(width, rows).t()
 
     @staticmethod
     def backward(
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, blocks = ctx.saved_tensors
-        grad_by_block = _block_view(grad, blocks.shape[0]).contiguous()
+        grad_by_block = _block_view(grad, blocks.shape[0])
         grad_x = grad_blocks = None
         if ctx.needs_input_grad[0]:
-            grad_x = _unblock(torch.bmm(grad_by_block, blocks.transpose(1, 2)))
+            grad_x = torch.bmm(grad_by_block, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            x_by_block = _block_view(x, blocks.shape[0]).contiguous()
-            grad_blocks = torch.bmm(x_by_block.transpose(1, 2), grad_by_block)
+            grad_blocks = torch.bmm(_block_view(x, blocks.shape[0]).transpose(1, 2), grad_by_block)
         return grad_x, grad_blocks
 
 
@@ -70,17 +72,15 @@ def _block_view(x: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return x.reshape(x.shape[0], num_blocks, -1).transpose(0, 1)
 
 
-def _unblock(x: torch.Tensor) -> torch.Tensor:
-    """``(D, m, b) → (m, D·b)``, contiguous: the inverse of :func:`_block_view`."""
-    return x.transpose(0, 1).reshape(x.shape[1], -1)
-
-
-def rotate_activations(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+def rotate_activations(x: torch.Tensor, blocks: torch.Tensor, row_major: bool = True) -> torch.Tensor:
     """``x R`` for block-diagonal ``R``.
 
     Args:
         x: ``(..., D·b)``.
         blocks: ``(D, b, b)``, or ``(1, b, b)`` for one block shared over the width.
+        row_major: ``False`` lets the result come in the layout the product leaves it in, column-major with
+            more than one block (see ``_BlockDiagonalProduct``), which a matmul reads as it is; the layers use
+            that to save a copy. ``True`` gives a contiguous tensor.
 
     Returns:
         ``(..., D·b)``, the dtype of ``x`` (``blocks`` should be cast to it beforehand).
@@ -95,7 +95,8 @@ def rotate_activations(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         )
     if block_size < TILE_WIDTH:
         blocks = tile_blocks(blocks)
-    return _BlockDiagonalProduct.apply(x.reshape(-1, x.shape[-1]), blocks).reshape(x.shape)
+    rotated = _BlockDiagonalProduct.apply(x.reshape(-1, x.shape[-1]), blocks).reshape(x.shape)
+    return rotated.contiguous() if row_major else rotated
 
 
 def rotate_weight(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
