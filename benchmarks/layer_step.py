@@ -2,7 +2,7 @@
 
 What is measured
 ----------------
-For every configuration ``(d, n)`` the script builds one frozen ``nn.Linear(d, d)`` (bias included,
+For every configuration ``(d, n, dtype)`` the script builds one frozen ``nn.Linear(d, d)`` (bias included,
 ``requires_grad=False`` on its parameters) and one input of shape ``(n, d)``, then wraps deep copies of
 that frozen layer with each adapter variant:
 
@@ -21,38 +21,36 @@ Two operations are timed:
 
 How it is measured
 ------------------
-All variants run in one process on the same input tensor.  Every callable is warmed up first, and the
-number of calls per timing sample is calibrated so that a sample lasts at least ``--min-sample-ms``.
-The ratio to the frozen layer is then taken pair by pair: in each repetition the frozen layer and the
-variant are timed back to back (the order alternates between repetitions), the ratio of that pair is
-recorded, and the table reports the median ratio with its 25th-75th percentile spread, next to the
-median absolute time in milliseconds.  ``orthotune`` rows also show ``vs peft``: peft's median ratio
-divided by orthotune's, i.e. how many times faster orthotune is on the same configuration.
+All variants run in one process on the same input tensor.  For one adapter configuration the frozen
+layer, the orthotune layer and the peft layer form a group: in every repetition each member is timed once,
+back to back, in an order that rotates between repetitions (``_timing.time_group``).  Ratios are taken
+inside a repetition -- ``variant / frozen`` and ``peft / orthotune`` -- and the table gives the median of
+those per-repetition ratios with the 25th-75th percentile spread, next to the median time in milliseconds.
+Every callable is warmed up first; a timing sample lasts at least ``--min-sample-ms`` (several calls of a
+fast callable).  The number of repetitions fits ``--budget-s`` seconds per group and operation, clamped
+to ``[--min-repeats, --repeats]``; big configurations therefore get fewer repetitions (the ``reps``
+column says how many).  A variant whose first training step takes longer than ``--cap-s`` seconds is not
+timed; its row says so and gives that one step's duration.  The ``frozen`` row pairs the frozen layer with
+an identical copy of itself: the noise floor of the method.
 
-peft BOFT with ``boft_n_butterfly_factor > 1``
-----------------------------------------------
-peft 0.21.2 silently resets the butterfly factor ``m`` to 1 when its CUDA extension ``fbd_cuda`` cannot
-be built (always the case on CPU).  To time peft's real ``m > 1`` math, this script -- and only this
-script, only while it runs -- patches ``peft.tuners.boft.layer``:
-
-* ``get_fbd_cuda`` returns a truthy dummy while the layer is constructed, so ``update_layer`` keeps ``m``;
-* ``FastBlockDiag`` is replaced by a plain-torch stand-in whose ``apply`` maps ``(N, D, H, H)`` blocks to
-  ``(N, D*H, D*H)`` block-diagonal matrices with ``torch.block_diag`` (autograd flows through the torch
-  ops; no custom ``Function``).
-
-peft BOFT with ``m == 1`` is left unpatched and runs peft's own CPU fallback path.
+peft BOFT with ``boft_n_butterfly_factor > 1`` runs peft's own code with its block-diagonal step in plain
+torch (``_peft_boft_cpu``: peft's CUDA extension cannot be built here); with ``m == 1`` peft's own CPU path
+runs unpatched.
 
 Reproduce
 ---------
 From the repository root::
 
-    /work/venv/bin/python benchmarks/layer_step.py --threads 1 --markdown     # default sweep
-    /work/venv/bin/python benchmarks/layer_step.py --quick                    # smoke test, a few seconds
-    /work/venv/bin/python benchmarks/layer_step.py --only peft --d 1024 --n 512 2048
+    /work/venv/bin/python benchmarks/layer_step.py --threads 1 --markdown          # the goal configurations
+    /work/venv/bin/python benchmarks/layer_step.py --threads 1 --markdown --grid --dtype fp32   # issue grid
+    /work/venv/bin/python benchmarks/layer_step.py --quick                         # smoke test, a few seconds
+    /work/venv/bin/python benchmarks/layer_step.py --d 1024 --n 512 --only "OFT b=32 exact" --profile
 
-Default sweep (no ``--d`` / ``--n``): d=1024, n=512 with OFT b=32 (exact Cayley, Cayley-Neumann, COFT,
-block_share) and BOFT (b=8, m=1), (b=8, m=2); plus d=2048, n=512 with BOFT (b=32, m=4).  Passing ``--d``
-or ``--n`` runs every variant valid for each ``d`` on the grid ``d x n``.
+Default sweep (no ``--grid`` / ``--d`` / ``--n``): the goal configurations, d=1024 and d=4096 at n=512
+with OFT b=32 (exact Cayley, Cayley-Neumann, COFT, block_share) at d=1024, OFT b=32 exact at d=4096, and
+BOFT (b=8, m=1), (b=8, m=2) at d=1024; plus d=2048, n=512 with BOFT (b=32, m=4).  ``--grid``: d in
+{1024, 2048, 4096} x n in {512, 2048}, OFT b in {32, 64} (exact, Neumann, COFT, block_share), BOFT
+b in {8, 32} x m in {1, 2, 4}.  ``--d`` / ``--n`` alone run the same variants on the grid ``d x n``.
 """
 
 from __future__ import annotations
@@ -60,24 +58,38 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib
 import itertools
-import math
-import platform
-import statistics
+import json
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-_SRC = Path(__file__).resolve().parents[1] / "src"
-if _SRC.is_dir() and str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
+# The working tree's orthotune (not an installed copy), and the shared helpers next to this file, also when the
+# file is loaded by path (``tests/conftest.py::load_benchmark``).
+_HERE = Path(__file__).resolve().parent
+for _path in (_HERE.parent / "src", _HERE):
+    if _path.is_dir() and str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from _peft_boft_cpu import peft_keeps_butterfly_factor  # noqa: E402
+from _timing import (  # noqa: E402
+    Budget,
+    Spread,
+    calls_per_sample,
+    environment_line,
+    paired_ratios,
+    render_markdown,
+    render_text,
+    seconds_per_call,
+    timed_group,
+    warm_up,
+)
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS: tuple[str, ...] = ("orthotune", "peft")
@@ -148,21 +160,26 @@ class Case:
     specs: tuple[AdapterSpec, ...]
 
 
+GRID_D = (1024, 2048, 4096)
+GRID_N = (512, 2048)
+GRID_SPECS: tuple[AdapterSpec, ...] = (
+    *oft_specs(32),
+    *oft_specs(64),
+    *(BOFTSpec(b, m) for b, m in itertools.product((8, 32), (1, 2, 4))),
+)
+
+
 def default_cases() -> list[Case]:
     small = (*oft_specs(32), BOFTSpec(8, 1), BOFTSpec(8, 2))
-    return [Case(1024, 512, small), Case(2048, 512, (BOFTSpec(32, 4),))]
+    return [Case(1024, 512, small), Case(2048, 512, (BOFTSpec(32, 4),)), Case(4096, 512, (OFTSpec(32),))]
 
 
 def quick_cases() -> list[Case]:
     return [Case(64, 16, (*oft_specs(8), BOFTSpec(4, 1), BOFTSpec(4, 2)))]
 
 
-def grid_cases(ds: Sequence[int], ns: Sequence[int]) -> list[Case]:
-    all_specs = (*oft_specs(32), BOFTSpec(8, 1), BOFTSpec(8, 2), BOFTSpec(32, 4))
-    return [
-        Case(d, n, tuple(spec for spec in all_specs if spec.is_valid_for(d)))
-        for d, n in itertools.product(ds, ns)
-    ]
+def grid_cases(ds: Sequence[int], ns: Sequence[int], specs: Sequence[AdapterSpec] = GRID_SPECS) -> list[Case]:
+    return [Case(d, n, tuple(spec for spec in specs if spec.is_valid_for(d))) for d, n in itertools.product(ds, ns)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,26 +218,6 @@ def build_orthotune(spec: AdapterSpec, base: nn.Linear) -> nn.Module:
     )
 
 
-class _PlainBlockDiag:
-    """Plain-torch stand-in for peft's CUDA-only ``FastBlockDiag``: (N, D, H, H) -> (N, D*H, D*H)."""
-
-    apply = staticmethod(lambda blocks: torch.stack([torch.block_diag(*factor) for factor in blocks]))
-
-
-@contextlib.contextmanager
-def _peft_keeps_butterfly_factor() -> Iterator[None]:
-    """While active, peft's BOFT believes ``fbd_cuda`` is available and so keeps ``m > 1``."""
-    import peft.tuners.boft.layer as boft_layer
-
-    original = boft_layer.get_fbd_cuda
-    boft_layer.get_fbd_cuda = lambda: True
-    boft_layer.FastBlockDiag = _PlainBlockDiag  # used at forward time; harmless for this process
-    try:
-        yield
-    finally:
-        boft_layer.get_fbd_cuda = original
-
-
 def build_peft(spec: AdapterSpec, base: nn.Linear) -> nn.Module:
     if isinstance(spec, OFTSpec):
         from peft import OFTConfig
@@ -245,7 +242,7 @@ def build_peft(spec: AdapterSpec, base: nn.Linear) -> nn.Module:
         boft_dropout=0.0,
         target_modules=["x"],
     )
-    patch = _peft_keeps_butterfly_factor() if spec.n_butterfly_factor > 1 else contextlib.nullcontext()
+    patch = peft_keeps_butterfly_factor() if spec.n_butterfly_factor > 1 else contextlib.nullcontext()
     with patch, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return PeftBOFTLinear(base, "default", config=config)
@@ -294,10 +291,14 @@ def make_infer(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return infer
 
 
-def check_step_reaches_adapter(layer: nn.Module, x: torch.Tensor) -> None:
-    """Raise if a training step leaves the input or any adapter parameter without a gradient."""
+def check_step_reaches_adapter(layer: nn.Module, x: torch.Tensor) -> float:
+    """Run one training step; raise if it leaves the input or an adapter parameter without a gradient.
+
+    Returns:
+        The step's duration in seconds (a first, cold call).
+    """
     params = trainable_parameters(layer)
-    make_step(layer, x)()
+    seconds = seconds_per_call(make_step(layer, x))
     if x.grad is None:
         raise RuntimeError("training step produced no gradient for the input")
     missing = sum(p.grad is None for p in params)
@@ -306,99 +307,7 @@ def check_step_reaches_adapter(layer: nn.Module, x: torch.Tensor) -> None:
     x.grad = None
     for p in params:
         p.grad = None
-
-
-def seconds_per_call(fn: Callable[[], None], calls: int) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
-def calibrate(fn: Callable[[], None], warmup: int, min_sample_s: float) -> int:
-    """Warm ``fn`` up and return how many calls make one sample last at least ``min_sample_s``."""
-    for _ in range(warmup):
-        fn()
-    per_call = seconds_per_call(fn, 1)
-    return max(1, math.ceil(min_sample_s / max(per_call, 1e-9)))
-
-
-@dataclass
-class PairedTiming:
-    """Per-repetition seconds of the frozen layer and a variant, timed back to back."""
-
-    base_s: list[float] = field(default_factory=list)
-    variant_s: list[float] = field(default_factory=list)
-
-    @property
-    def ratios(self) -> list[float]:
-        return [v / b for v, b in zip(self.variant_s, self.base_s, strict=True)]
-
-
-def time_pairs(
-    base: Callable[[], None],
-    variant: Callable[[], None],
-    repeats: int,
-    warmup: int,
-    min_sample_s: float,
-) -> PairedTiming:
-    base_calls = calibrate(base, warmup, min_sample_s)
-    variant_calls = calibrate(variant, warmup, min_sample_s)
-    timing = PairedTiming()
-    for rep in range(repeats):
-        if rep % 2 == 0:
-            b = seconds_per_call(base, base_calls)
-            v = seconds_per_call(variant, variant_calls)
-        else:
-            v = seconds_per_call(variant, variant_calls)
-            b = seconds_per_call(base, base_calls)
-        timing.base_s.append(b)
-        timing.variant_s.append(v)
-    return timing
-
-
-# --------------------------------------------------------------------------------------------------
-# Statistics and results
-# --------------------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linearly interpolated percentile, ``q`` in [0, 100]."""
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-@dataclass(frozen=True)
-class Summary:
-    ms: float
-    ratio: float
-    ratio_p25: float
-    ratio_p75: float
-
-    @classmethod
-    def of(cls, timing: PairedTiming) -> Summary:
-        ratios = timing.ratios
-        return cls(
-            ms=1e3 * statistics.median(timing.variant_s),
-            ratio=statistics.median(ratios),
-            ratio_p25=percentile(ratios, 25),
-            ratio_p75=percentile(ratios, 75),
-        )
-
-
-@dataclass
-class Result:
-    d: int
-    n: int
-    impl: str
-    label: str
-    n_params: int = 0
-    step: Summary | None = None
-    infer: Summary | None = None
-    error: str | None = None
-    vs_peft: float | None = None
+    return seconds
 
 
 # --------------------------------------------------------------------------------------------------
@@ -409,61 +318,118 @@ class Result:
 @dataclass(frozen=True)
 class RunSettings:
     dtype: torch.dtype
-    repeats: int
-    warmup: int
-    min_sample_s: float
+    budget: Budget
+    cap_s: float
     only: tuple[str, ...]
+    # (impl, label) -> (d, n, seconds) of the first case where one step went over ``cap_s``; a case at
+    # least as large in d and n is then skipped without paying for another over-long first step.
+    over_cap: dict[tuple[str, str], tuple[int, int, float]] = field(default_factory=dict)
+
+
+@dataclass
+class OpSummary:
+    """One operation (step or infer) of one variant: its time and its ratio to the frozen layer."""
+
+    ms: Spread
+    ratio: Spread
+
+
+@dataclass
+class Result:
+    d: int
+    n: int
+    dtype: str
+    impl: str
+    label: str
+    n_params: int = 0
+    step: OpSummary | None = None
+    infer: OpSummary | None = None
+    peft_over_ours: Spread | None = None  # per-repetition peft step time / orthotune step time
+    repeats: int = 0
+    note: str | None = None
 
 
 def selected(name: str, only: Sequence[str]) -> bool:
     return not only or any(token.lower() in name.lower() for token in only)
 
 
-def measure(
-    layer: nn.Module, frozen: nn.Linear, x: torch.Tensor, settings: RunSettings
-) -> tuple[Summary, Summary]:
-    x_infer = x.detach()
-    layer.train()
-    frozen.train()
-    step = time_pairs(
-        make_step(frozen, x), make_step(layer, x), settings.repeats, settings.warmup, settings.min_sample_s
+def summarize(times: dict[str, list[float]], name: str, base: str = "frozen") -> OpSummary:
+    return OpSummary(
+        ms=Spread.of([1e3 * t for t in times[name]]), ratio=Spread.of(paired_ratios(times[name], times[base]))
     )
-    layer.eval()
-    frozen.eval()
-    infer = time_pairs(
-        make_infer(frozen, x_infer),
-        make_infer(layer, x_infer),
-        settings.repeats,
-        settings.warmup,
-        settings.min_sample_s,
-    )
-    return Summary.of(step), Summary.of(infer)
 
 
-def run_variant(
-    impl: str, spec: AdapterSpec, frozen: nn.Linear, x: torch.Tensor, settings: RunSettings
-) -> Result:
+def run_spec(spec: AdapterSpec, frozen: nn.Linear, x: torch.Tensor, settings: RunSettings) -> list[Result]:
+    """Time orthotune and peft on one adapter configuration, grouped with the frozen layer."""
     d, n = x.shape[-1], x.shape[0]
-    result = Result(d, n, impl, spec.label)
-    try:
-        layer = BUILDERS[impl](spec, copy.deepcopy(frozen))
-        perturb_adapter(layer)
-        result.n_params = sum(p.numel() for p in trainable_parameters(layer))
-        check_step_reaches_adapter(layer, x)
-        result.step, result.infer = measure(layer, frozen, x, settings)
-    except ImportError as exc:
-        result.error = f"not importable ({exc.name or exc})"
-    except Exception as exc:  # report and move on: one broken variant must not hide the others
-        result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:120]
-    return result
+    dtype = next(k for k, v in DTYPES.items() if v == x.dtype)
+    results: dict[str, Result] = {}
+    layers: dict[str, nn.Module] = {}
+    for impl in IMPLS:
+        if not selected(f"{impl} {spec.label}", settings.only):
+            continue
+        result = results[impl] = Result(d, n, dtype, impl, spec.label)
+        over = settings.over_cap.get((impl, spec.label))
+        if over and d >= over[0] and n >= over[1]:
+            result.note = (
+                f"not timed: one step took {over[2]:.1f} s > --cap-s {settings.cap_s:g} already at "
+                f"d={over[0]} n={over[1]}"
+            )
+            continue
+        try:
+            layer = BUILDERS[impl](spec, copy.deepcopy(frozen))
+            perturb_adapter(layer)
+            result.n_params = sum(p.numel() for p in trainable_parameters(layer))
+            layer.train()
+            first_step_s = check_step_reaches_adapter(layer, x)
+        except ImportError as exc:
+            result.note = f"not importable ({exc.name or exc})"
+            continue
+        except Exception as exc:  # report and move on: one broken variant must not hide the others
+            result.note = f"error: {type(exc).__name__}: {exc}".splitlines()[0][:120]
+            continue
+        if first_step_s > settings.cap_s:
+            settings.over_cap[(impl, spec.label)] = (d, n, first_step_s)
+            result.note = f"not timed: one step took {first_step_s:.1f} s > --cap-s {settings.cap_s:g}"
+            continue
+        layers[impl] = layer
+    if layers:
+        frozen.train()
+        steps = timed_group(
+            {"frozen": make_step(frozen, x), **{impl: make_step(layer, x) for impl, layer in layers.items()}},
+            settings.budget,
+        )
+        frozen.eval()
+        for layer in layers.values():
+            layer.eval()
+        x_infer = x.detach()
+        infers = timed_group(
+            {"frozen": make_infer(frozen, x_infer), **{i: make_infer(layer, x_infer) for i, layer in layers.items()}},
+            settings.budget,
+        )
+        for impl in layers:
+            result = results[impl]
+            result.step, result.infer = summarize(steps, impl), summarize(infers, impl)
+            result.repeats = len(steps[impl])
+        if len(layers) == len(IMPLS):
+            results["orthotune"].peft_over_ours = Spread.of(paired_ratios(steps["peft"], steps["orthotune"]))
+    for result in results.values():
+        report_progress(result)
+    return list(results.values())
 
 
 def run_frozen(frozen: nn.Linear, x: torch.Tensor, settings: RunSettings) -> Result:
-    """The frozen layer paired with an identical copy of itself: the noise floor of the method."""
+    """The frozen layer grouped with an identical copy of itself: the noise floor of the method."""
     d, n = x.shape[-1], x.shape[0]
-    result = Result(d, n, "frozen", f"nn.Linear({d}, {d})")
-    result.step, result.infer = measure(copy.deepcopy(frozen), frozen, x, settings)
-    return result
+    dtype = next(k for k, v in DTYPES.items() if v == x.dtype)
+    result = Result(d, n, dtype, "frozen", f"nn.Linear({d}, {d})")
+    twin = copy.deepcopy(frozen)
+    steps = timed_group({"frozen": make_step(frozen, x), "twin": make_step(twin, x)}, settings.budget)
+    x_infer = x.detach()
+    infers = timed_group({"frozen": make_infer(frozen, x_infer), "twin": make_infer(twin, x_infer)}, settings.budget)
+    result.step, result.infer = summarize(steps, "twin"), summarize(infers, "twin")
+    result.repeats = len(steps["twin"])
+    return report_progress(result)
 
 
 def run_case(case: Case, settings: RunSettings) -> list[Result]:
@@ -471,28 +437,47 @@ def run_case(case: Case, settings: RunSettings) -> list[Result]:
     x = torch.randn(case.n, case.d, dtype=settings.dtype, requires_grad=True)
     results: list[Result] = []
     if selected("frozen", settings.only):
-        results.append(report_progress(run_frozen(frozen, x, settings)))
+        results.append(run_frozen(frozen, x, settings))
     for spec in case.specs:
-        for impl in IMPLS:
-            if selected(f"{impl} {spec.label}", settings.only):
-                results.append(report_progress(run_variant(impl, spec, frozen, x, settings)))
-    attach_speedups(results)
+        results += run_spec(spec, frozen, x, settings)
     return results
 
 
-def attach_speedups(results: list[Result]) -> None:
-    """For orthotune rows, ``vs peft`` = peft step ratio / orthotune step ratio (same d, n, config)."""
-    peft_ratio = {(r.d, r.n, r.label): r.step.ratio for r in results if r.impl == "peft" and r.step}
-    for r in results:
-        key = (r.d, r.n, r.label)
-        if r.impl == "orthotune" and r.step and key in peft_ratio:
-            r.vs_peft = peft_ratio[key] / r.step.ratio
-
-
 def report_progress(result: Result) -> Result:
-    status = result.error or f"step {result.step.ratio:.2f}x, infer {result.infer.ratio:.2f}x"
-    print(f"  d={result.d} n={result.n} {result.impl:9s} {result.label:28s} {status}", file=sys.stderr, flush=True)
+    if result.step and result.infer:
+        status = f"step {result.step.ratio.median:.2f}x, infer {result.infer.ratio.median:.2f}x ({result.repeats} reps)"
+    else:
+        status = result.note or "-"
+    print(
+        f"  [{time.strftime('%H:%M:%S')}] d={result.d} n={result.n} {result.dtype} {result.impl:9s} "
+        f"{result.label:28s} {status}",
+        file=sys.stderr,
+        flush=True,
+    )
     return result
+
+
+def profile_case(case: Case, settings: RunSettings, row_limit: int) -> None:
+    """Print torch.profiler's top operators of the training step of every selected variant."""
+    from torch.profiler import ProfilerActivity, profile
+
+    frozen = make_frozen_linear(case.d, settings.dtype)
+    x = torch.randn(case.n, case.d, dtype=settings.dtype, requires_grad=True)
+    layers = {"frozen": frozen}
+    for spec, impl in itertools.product(case.specs, IMPLS):
+        if selected(f"{impl} {spec.label}", settings.only):
+            layers[f"{impl} {spec.label}"] = BUILDERS[impl](spec, copy.deepcopy(frozen))
+    for name, layer in layers.items():
+        layer.train()
+        step = make_step(layer, x)
+        calls = calls_per_sample(warm_up(step, settings.budget.warmup), 1.0)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                step()
+        print(f"\n### {name}: training step, d={case.d} n={case.n} {settings.dtype}, {calls} steps profiled\n")
+        print("```")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit))
+        print("```")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,56 +485,73 @@ def report_progress(result: Result) -> Result:
 # --------------------------------------------------------------------------------------------------
 
 HEADERS = (
-    "d", "n", "impl", "variant", "params",
+    "d", "n", "dtype", "impl", "variant", "params",
     "step ms", "step x frozen [p25-p75]",
     "infer ms", "infer x frozen [p25-p75]",
-    "vs peft",
+    "peft / ours (step) [p25-p75]", "reps",
 )  # fmt: skip
-
-
-def format_summary(summary: Summary | None) -> tuple[str, str]:
-    if summary is None:
-        return "-", "-"
-    return f"{summary.ms:.2f}", f"{summary.ratio:.2f} [{summary.ratio_p25:.2f}-{summary.ratio_p75:.2f}]"
 
 
 def table_rows(results: Sequence[Result]) -> list[list[str]]:
     rows = []
     for r in results:
-        step_ms, step_ratio = format_summary(r.step)
-        infer_ms, infer_ratio = format_summary(r.infer)
-        if r.error:
-            step_ratio = f"error: {r.error}"
-        vs_peft = f"{r.vs_peft:.1f}x" if r.vs_peft is not None else ""
-        params = str(r.n_params) if r.impl != "frozen" else "0"
-        rows.append([str(r.d), str(r.n), r.impl, r.label, params, step_ms, step_ratio, infer_ms, infer_ratio, vs_peft])
+        if r.step and r.infer:
+            cells = [
+                f"{r.step.ms.median:.2f}",
+                r.step.ratio.format(),
+                f"{r.infer.ms.median:.2f}",
+                r.infer.ratio.format(),
+            ]
+        else:
+            cells = ["-", r.note or "-", "-", "-"]
+        speedup = r.peft_over_ours.format() if r.peft_over_ours else ""
+        params = str(r.n_params) if r.n_params or r.impl == "frozen" else "-"
+        rows.append([str(r.d), str(r.n), r.dtype, r.impl, r.label, params, *cells, speedup, str(r.repeats)])
     return rows
 
 
-def render_markdown(rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "|".join("---" for _ in HEADERS) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+def summary_table(results: Sequence[Result], dtype: str) -> tuple[list[str], list[list[str]]]:
+    """Step ratios to the frozen layer, one row per variant and one column per ``(d, n)``: "ours / peft"."""
+    cases = sorted({(r.d, r.n) for r in results if r.dtype == dtype})
+    labels = list(dict.fromkeys(r.label for r in results if r.dtype == dtype and r.impl != "frozen"))
+    by_key = {(r.impl, r.label, r.d, r.n): r for r in results if r.dtype == dtype}
+
+    def cell(impl: str, label: str, d: int, n: int) -> str:
+        r = by_key.get((impl, label, d, n))
+        if r is None:
+            return "n/a"
+        if r.step is None:
+            return "skipped" if r.note and r.note.startswith("not timed") else "error"
+        return f"{r.step.ratio.median:.2f}"
+
+    headers = ["step x frozen: orthotune / peft", *(f"d={d} n={n}" for d, n in cases)]
+    rows = [
+        [label, *(f"{cell('orthotune', label, d, n)} / {cell('peft', label, d, n)}" for d, n in cases)]
+        for label in labels
+    ]
+    return headers, rows
 
 
-def render_text(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(HEADERS)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*HEADERS), fmt.format(*("-" * w for w in widths))]
-    return "\n".join(lines + [fmt.format(*row) for row in rows])
+def result_from_dict(row: dict) -> Result:
+    """Inverse of ``dataclasses.asdict`` for :class:`Result` (to re-render a ``--json`` file)."""
+
+    def spread(value: dict | None) -> Spread | None:
+        return Spread(**value) if value else None
+
+    def op(value: dict | None) -> OpSummary | None:
+        return OpSummary(ms=spread(value["ms"]), ratio=spread(value["ratio"])) if value else None
+
+    return Result(**{**row, "step": op(row["step"]), "infer": op(row["infer"]),
+                     "peft_over_ours": spread(row["peft_over_ours"])})  # fmt: skip
 
 
-def print_environment(args: argparse.Namespace) -> None:
-    versions = [f"torch {torch.__version__}"]
-    for name in ("peft", "orthotune"):
-        try:
-            module = importlib.import_module(name)
-            versions.append(f"{name} {getattr(module, '__version__', '?')}")
-        except Exception as exc:
-            versions.append(f"{name} unavailable ({type(exc).__name__})")
-    print(f"# threads: {torch.get_num_threads()} | dtype: {args.dtype} | repeats: {args.repeats}")
-    print(f"# {', '.join(versions)} | python {platform.python_version()} | {platform.machine()}")
-    print("# 'x frozen' = median over repetitions of (variant time / frozen nn.Linear time), timed pair by pair")
+def print_tables(results: Sequence[Result], markdown: bool) -> None:
+    render = render_markdown if markdown else render_text
+    print(render(HEADERS, table_rows(results)))
+    for dtype in dict.fromkeys(r.dtype for r in results):
+        if len({(r.d, r.n) for r in results if r.dtype == dtype}) > 1:
+            print(f"\nSummary, {dtype}: median step time / frozen nn.Linear step time, orthotune / peft\n")
+            print(render(*summary_table(results, dtype)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -560,48 +562,72 @@ def print_environment(args: argparse.Namespace) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="paired repetitions (default: 11; 3 with --quick)")
+    parser.add_argument("--grid", action="store_true", help="the full grid of issue 7 (see the module docstring)")
     parser.add_argument("--d", type=int, nargs="+", default=None, help="feature sizes (grid with --n)")
     parser.add_argument("--n", type=int, nargs="+", default=None, help="token counts (grid with --d)")
     parser.add_argument("--quick", action="store_true", help="tiny configuration for a smoke test")
     parser.add_argument("--only", nargs="+", default=(), help="keep variants whose name contains any substring")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["fp32"])
+    parser.add_argument("--repeats", type=int, default=None, help="most repetitions per group (default: 11)")
+    parser.add_argument("--min-repeats", type=int, default=3, help="fewest repetitions per group (default: 3)")
+    parser.add_argument("--budget-s", type=float, default=None, help="seconds per group and operation (default 5)")
+    parser.add_argument("--cap-s", type=float, default=10.0, help="skip a variant whose first step takes longer")
     parser.add_argument("--warmup", type=int, default=3, help="warm-up calls per callable (default: 3)")
     parser.add_argument("--min-sample-ms", type=float, default=None, help="minimum duration of one timing sample")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler tables instead of timing")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--from-json", type=Path, default=None, help="re-print the tables of a --json file; no run")
     return parser.parse_args(argv)
 
 
 def choose_cases(args: argparse.Namespace) -> list[Case]:
-    if args.quick and args.d is None and args.n is None:
+    if args.quick and not args.grid and args.d is None and args.n is None:
         return quick_cases()
-    if args.d is None and args.n is None:
-        return default_cases()
-    return grid_cases(args.d or [1024], args.n or [512])
+    if args.grid or args.d is not None or args.n is not None:
+        return grid_cases(args.d or GRID_D, args.n or GRID_N)
+    return default_cases()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> list[Result]:
     args = parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 3 if args.quick else 11
-    min_sample_ms = args.min_sample_ms if args.min_sample_ms is not None else (1.0 if args.quick else 100.0)
+    if args.from_json:
+        results = [result_from_dict(row) for row in json.loads(args.from_json.read_text())]
+        print_tables(results, args.markdown)
+        return results
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    print_environment(args)
-    settings = RunSettings(
-        dtype=DTYPES[args.dtype],
-        repeats=args.repeats,
-        warmup=1 if args.quick else args.warmup,
-        min_sample_s=min_sample_ms / 1e3,
-        only=tuple(args.only),
+    quick = args.quick
+    print(f"# {environment_line()}")
+    print(
+        "# 'x frozen' and 'peft / ours' = median [25th-75th percentile] over repetitions of per-repetition ratios; "
+        "frozen, orthotune and peft timed back to back in rotating order"
     )
-    results = [r for case in choose_cases(args) for r in run_case(case, settings)]
-    rows = table_rows(results)
-    if not rows:
+    results: list[Result] = []
+    for dtype_name in args.dtype:
+        budget = Budget(
+            warmup=1 if quick else args.warmup,
+            min_sample_s=(args.min_sample_ms or (1.0 if quick else 50.0)) / 1e3,
+            budget_s=args.budget_s or (0.5 if quick else 5.0),
+            min_repeats=min(args.min_repeats, args.repeats or args.min_repeats),
+            max_repeats=args.repeats or (3 if quick else 11),
+        )
+        settings = RunSettings(dtype=DTYPES[dtype_name], budget=budget, cap_s=args.cap_s, only=tuple(args.only))
+        for case in choose_cases(args):
+            if args.profile:
+                profile_case(case, settings, row_limit=15)
+            else:
+                results += run_case(case, settings)
+    if args.profile:
+        return results
+    if not results:
         print("no variant matched --only")
-        return
-    print(render_markdown(rows) if args.markdown else render_text(rows))
+        return results
+    print_tables(results, args.markdown)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
+    return results
 
 
 if __name__ == "__main__":

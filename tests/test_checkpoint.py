@@ -159,13 +159,16 @@ def _damage_config(change):
 DAMAGES = {
     "truncated": (_damage_truncate, "safetensors"),
     "missing-key": (_damage_tensors(lambda t: t.pop(f"{PREFIX}q_proj.oft_R.weight")), "missing keys"),
-    "extra-key": (_damage_tensors(lambda t: t.update({f"{PREFIX}k_proj.oft_R.weight": torch.zeros(4, 28)})),
-                  "unexpected keys"),
-    "wrong-shape": (_damage_tensors(lambda t: t.update({f"{PREFIX}q_proj.oft_R.weight": torch.zeros(8, 6)})),
-                    "shape"),
+    "extra-key": (
+        _damage_tensors(lambda t: t.update({f"{PREFIX}k_proj.oft_R.weight": torch.zeros(4, 28)})),
+        "unexpected keys",
+    ),
+    "wrong-shape": (_damage_tensors(lambda t: t.update({f"{PREFIX}q_proj.oft_R.weight": torch.zeros(8, 6)})), "shape"),
     "nan": (_damage_tensors(lambda t: t[f"{PREFIX}q_proj.oft_R.weight"].fill_(float("nan"))), "NaN"),
-    "integer": (_damage_tensors(lambda t: t.update({f"{PREFIX}q_proj.oft_R.weight": torch.zeros(4, 28).long()})),
-                "dtype"),
+    "integer": (
+        _damage_tensors(lambda t: t.update({f"{PREFIX}q_proj.oft_R.weight": torch.zeros(4, 28).long()})),
+        "dtype",
+    ),
     "unknown-peft-type": (_damage_config(lambda c: c.update(peft_type="LORA")), "LORA"),
     "other-block-size": (_damage_config(lambda c: c.update(oft_block_size=4)), "shape"),
     "bad-value": (_damage_config(lambda c: c.update(module_dropout=2.0)), "module_dropout"),
@@ -181,8 +184,9 @@ def test_a_failed_load_leaves_the_model_exactly_as_it_was(damage, tmp_path) -> N
     change, message = DAMAGES[damage]
     change(directory)
     # a model that already has adapters: loading one more must fail without a trace
-    model = get_peft_model(tiny_llama(), OFTConfig(oft_block_size=8, target_modules=["q_proj", "o_proj"],
-                                                   init_weights=False))
+    model = get_peft_model(
+        tiny_llama(), OFTConfig(oft_block_size=8, target_modules=["q_proj", "o_proj"], init_weights=False)
+    )
     before = _snapshot(model)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         model.load_adapter(directory, adapter_name="second")
@@ -201,8 +205,9 @@ def test_an_adapter_for_another_model_is_refused(tmp_path) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    wider = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=48, intermediate_size=64,
-                                                     num_hidden_layers=2, num_attention_heads=4))
+    wider = BertForSequenceClassification(
+        BertConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    )
     before = _snapshot(wider)
     with pytest.raises(AdapterFileError, match="another model"):
         orthotune.PeftModel.from_pretrained(wider, directory)
@@ -210,11 +215,14 @@ def test_an_adapter_for_another_model_is_refused(tmp_path) -> None:
 
 
 def test_load_adapter_weights_overwrites_an_existing_adapter(tmp_path) -> None:
-    trained = get_peft_model(tiny_llama(), OFTConfig(oft_block_size=8, target_modules=["q_proj"], init_weights=False,
-                                                     use_cayley_neumann=False))
+    trained = get_peft_model(
+        tiny_llama(),
+        OFTConfig(oft_block_size=8, target_modules=["q_proj"], init_weights=False, use_cayley_neumann=False),
+    )
     trained.save_pretrained(tmp_path)
-    fresh = get_peft_model(tiny_llama(), OFTConfig(oft_block_size=8, target_modules=["q_proj"],
-                                                   use_cayley_neumann=False))
+    fresh = get_peft_model(
+        tiny_llama(), OFTConfig(oft_block_size=8, target_modules=["q_proj"], use_cayley_neumann=False)
+    )
     fresh.load_adapter_weights(tmp_path)
     tokens = token_batch()
     torch.testing.assert_close(_logits(fresh.eval(), tokens), _logits(trained.eval(), tokens), rtol=0, atol=0)
@@ -234,11 +242,28 @@ def _old_rotation(blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
 
 def _write_old_file(directory, options: dict, layers: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
     os.makedirs(directory, exist_ok=True)
-    config = {"peft_type": "OFT", "task_type": None, "base_model_name_or_path": None, "revision": None,
-              "inference_mode": True, "r": 0, "oft_block_size": 8, "module_dropout": 0.0, "coft": False,
-              "eps": 6e-5, "block_share": False, "target_modules": ["q_proj", "v_proj"], "fan_in_fan_out": False,
-              "bias": "none", "init_weights": True, "layers_to_transform": None, "layers_pattern": None,
-              "modules_to_save": None, "exclude_modules": None, **options}
+    config = {
+        "peft_type": "OFT",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "revision": None,
+        "inference_mode": True,
+        "r": 0,
+        "oft_block_size": 8,
+        "module_dropout": 0.0,
+        "coft": False,
+        "eps": 6e-5,
+        "block_share": False,
+        "target_modules": ["q_proj", "v_proj"],
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "modules_to_save": None,
+        "exclude_modules": None,
+        **options,
+    }
     open(os.path.join(directory, "adapter_config.json"), "w").write(json.dumps(config))
     tensors = {}
     for name, (blocks, scale) in layers.items():

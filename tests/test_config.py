@@ -13,8 +13,18 @@ from orthotune.config import AdapterConfig
 peft = pytest.importorskip("peft")
 
 SHARED_FIELDS = (
-    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save", "bias",
-    "init_weights", "fan_in_fan_out", "task_type", "inference_mode", "base_model_name_or_path", "revision",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "bias",
+    "init_weights",
+    "fan_in_fan_out",
+    "task_type",
+    "inference_mode",
+    "base_model_name_or_path",
+    "revision",
 )
 
 
@@ -26,8 +36,11 @@ def _peft_fields(config_class: type) -> dict:
 @pytest.mark.parametrize(
     ("ours", "theirs", "own_fields"),
     [
-        (OFTConfig, "OFTConfig", ("r", "module_dropout", "coft", "eps", "block_share", "use_cayley_neumann",
-                                  "num_cayley_neumann_terms")),
+        (
+            OFTConfig,
+            "OFTConfig",
+            ("r", "module_dropout", "coft", "eps", "block_share", "use_cayley_neumann", "num_cayley_neumann_terms"),
+        ),
         (BOFTConfig, "BOFTConfig", ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "boft_dropout")),
     ],
 )
@@ -98,10 +111,26 @@ def test_lists_are_deduplicated_and_sets_sorted() -> None:
 @pytest.mark.parametrize(
     "config",
     [
-        OFTConfig(r=4, target_modules=["q_proj", "v_proj"], coft=True, eps=1e-3, block_share=True,
-                  use_cayley_neumann=False, layers_to_transform=[0, 1], layers_pattern="layers", task_type="CAUSAL_LM"),
-        BOFTConfig(boft_block_num=8, boft_block_size=0, boft_n_butterfly_factor=2, target_modules=".*query",
-                   modules_to_save=["classifier"], bias="boft_only", boft_dropout=0.1),
+        OFTConfig(
+            r=4,
+            target_modules=["q_proj", "v_proj"],
+            coft=True,
+            eps=1e-3,
+            block_share=True,
+            use_cayley_neumann=False,
+            layers_to_transform=[0, 1],
+            layers_pattern="layers",
+            task_type="CAUSAL_LM",
+        ),
+        BOFTConfig(
+            boft_block_num=8,
+            boft_block_size=0,
+            boft_n_butterfly_factor=2,
+            target_modules=".*query",
+            modules_to_save=["classifier"],
+            bias="boft_only",
+            boft_dropout=0.1,
+        ),
     ],
 )
 def test_json_round_trip_here_and_through_peft(config, tmp_path) -> None:

@@ -315,6 +315,26 @@ def test_rotate_activations_is_row_major_unless_asked_to_keep_the_product_layout
     assert rel_err(row_major, x.double() @ dense_block_diag(blocks.double())) <= 1e-5
 
 
+@FAST
+@given(num_blocks=st.integers(2, 5), block_size=st.sampled_from([1, 3, 8, 32]), rows=st.integers(1, 6), seed=seeds)
+def test_rotate_activations_into_a_linear_layer_has_the_dense_gradients(
+    num_blocks: int, block_size: int, rows: int, seed: int
+) -> None:
+    """The column-major product feeds a matmul, whose gradient comes back column-major: the other backward path."""
+    width = num_blocks * block_size
+    x = randn(rows, width, seed=seed, dtype=torch.float64).requires_grad_(True)
+    blocks = randn(num_blocks, block_size, block_size, seed=seed + 1, dtype=torch.float64).requires_grad_(True)
+    weight = randn(7, width, seed=seed + 2, dtype=torch.float64)
+    upstream = randn(rows, 7, seed=seed + 3, dtype=torch.float64)
+    out = torch.nn.functional.linear(rotate_activations(x, blocks, row_major=False), weight)
+    grads = torch.autograd.grad((out * upstream).sum(), (x, blocks))
+    x_ref, blocks_ref = x.detach().requires_grad_(True), blocks.detach().requires_grad_(True)
+    dense = torch.block_diag(*blocks_ref.unbind(0))
+    expected = torch.autograd.grad(((x_ref @ dense @ weight.t()) * upstream).sum(), (x_ref, blocks_ref))
+    assert rel_err(grads[0], expected[0]) <= 1e-12
+    assert rel_err(grads[1], expected[1]) <= 1e-12
+
+
 def test_rotate_activations_backward_passes_gradcheck_and_gradgradcheck() -> None:
     x = randn(3, 2, 12, seed=0, dtype=torch.float64).requires_grad_(True)
     blocks = randn(3, 4, 4, seed=1, dtype=torch.float64).requires_grad_(True)

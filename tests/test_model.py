@@ -36,10 +36,20 @@ def _adapted_names(model: torch.nn.Module, layer_type: type) -> set[str]:
 
 
 def _two_adapter_llama() -> orthotune.OrthoModel:
-    model = get_peft_model(tiny_llama(), OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj"],
-                                                   init_weights=False), adapter_name="a")
-    model.add_adapter("b", OFTConfig(oft_block_size=4, target_modules=["q_proj", "o_proj", "embed_tokens"],
-                                     init_weights=False, use_cayley_neumann=False))
+    model = get_peft_model(
+        tiny_llama(),
+        OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj"], init_weights=False),
+        adapter_name="a",
+    )
+    model.add_adapter(
+        "b",
+        OFTConfig(
+            oft_block_size=4,
+            target_modules=["q_proj", "o_proj", "embed_tokens"],
+            init_weights=False,
+            use_cayley_neumann=False,
+        ),
+    )
     return model.eval()
 
 
@@ -48,8 +58,10 @@ def _two_adapter_llama() -> orthotune.OrthoModel:
     ("make_model", "options"),
     [
         (tiny_llama, {"target_modules": ["q_proj", "v_proj"]}),
-        (tiny_llama, {"target_modules": ["self_attn.q_proj", "down_proj"],
-                      "exclude_modules": ["layers.1.mlp.down_proj"]}),
+        (
+            tiny_llama,
+            {"target_modules": ["self_attn.q_proj", "down_proj"], "exclude_modules": ["layers.1.mlp.down_proj"]},
+        ),
         (tiny_llama, {"target_modules": r"model\.layers\.\d\.self_attn\.(k|v)_proj"}),
         (tiny_llama, {"target_modules": ["q_proj", "v_proj"], "exclude_modules": r".*layers\.0.*"}),
         (tiny_llama, {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": 1}),
@@ -109,7 +121,9 @@ def test_peft_config_objects_are_accepted() -> None:
     model = get_peft_model(tiny_llama(), peft.BOFTConfig(boft_block_size=4, target_modules=["q_proj"]))
     assert isinstance(model.peft_config["default"], BOFTConfig)
     assert _adapted_names(model.get_base_model(), orthotune.boft.Linear) == {
-        "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ the wrapper
@@ -190,12 +204,29 @@ def test_merge_and_unmerge_adapter() -> None:
 @pytest.mark.parametrize(
     ("make_model", "config", "auto_class"),
     [
-        (tiny_llama, OFTConfig(oft_block_size=8, target_modules=["q_proj", "embed_tokens"], init_weights=False),
-         "AutoModelForCausalLM"),
-        (tiny_gpt2, OFTConfig(oft_block_size=8, target_modules=["c_attn", "c_fc"], init_weights=False,
-                              use_cayley_neumann=False), "AutoModelForCausalLM"),
-        (tiny_bert, BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["query", "dense"],
-                               init_weights=False, task_type="SEQ_CLS"), "AutoModelForSequenceClassification"),
+        (
+            tiny_llama,
+            OFTConfig(oft_block_size=8, target_modules=["q_proj", "embed_tokens"], init_weights=False),
+            "AutoModelForCausalLM",
+        ),
+        (
+            tiny_gpt2,
+            OFTConfig(
+                oft_block_size=8, target_modules=["c_attn", "c_fc"], init_weights=False, use_cayley_neumann=False
+            ),
+            "AutoModelForCausalLM",
+        ),
+        (
+            tiny_bert,
+            BOFTConfig(
+                boft_block_size=4,
+                boft_n_butterfly_factor=2,
+                target_modules=["query", "dense"],
+                init_weights=False,
+                task_type="SEQ_CLS",
+            ),
+            "AutoModelForSequenceClassification",
+        ),
     ],
 )
 def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(make_model, config, auto_class, tmp_path) -> None:
@@ -227,8 +258,10 @@ def test_unload_gives_back_the_original_model() -> None:
 
 
 def test_merging_into_tied_weights_is_refused() -> None:
-    model = get_peft_model(tiny_llama(tie_word_embeddings=True),
-                           OFTConfig(oft_block_size=8, target_modules=["embed_tokens"], init_weights=False)).eval()
+    model = get_peft_model(
+        tiny_llama(tie_word_embeddings=True),
+        OFTConfig(oft_block_size=8, target_modules=["embed_tokens"], init_weights=False),
+    ).eval()
     tokens = token_batch()
     adapted = _logits(model, tokens)
     with pytest.raises(ValueError, match="tied"):
@@ -240,15 +273,29 @@ def test_merging_into_tied_weights_is_refused() -> None:
 @pytest.mark.parametrize("method", ["OFT", "BOFT"])
 def test_mixed_batch_equals_per_sample_runs(method) -> None:
     if method == "OFT":
-        configs = {"a": OFTConfig(oft_block_size=8, target_modules=["query", "value"], task_type="SEQ_CLS",
-                                  init_weights=False),
-                   "b": OFTConfig(oft_block_size=4, target_modules=["key"], task_type="SEQ_CLS",
-                                  init_weights=False, use_cayley_neumann=False)}
+        configs = {
+            "a": OFTConfig(
+                oft_block_size=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_weights=False
+            ),
+            "b": OFTConfig(
+                oft_block_size=4,
+                target_modules=["key"],
+                task_type="SEQ_CLS",
+                init_weights=False,
+                use_cayley_neumann=False,
+            ),
+        }
     else:
-        configs = {"a": BOFTConfig(boft_block_size=4, target_modules=["query"], task_type="SEQ_CLS",
-                                   init_weights=False),
-                   "b": BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=["query", "value"],
-                                   task_type="SEQ_CLS", init_weights=False)}
+        configs = {
+            "a": BOFTConfig(boft_block_size=4, target_modules=["query"], task_type="SEQ_CLS", init_weights=False),
+            "b": BOFTConfig(
+                boft_block_size=2,
+                boft_n_butterfly_factor=2,
+                target_modules=["query", "value"],
+                task_type="SEQ_CLS",
+                init_weights=False,
+            ),
+        }
     model = get_peft_model(tiny_bert(), configs["a"], adapter_name="a")
     model.add_adapter("b", configs["b"])
     model.eval()
@@ -308,8 +355,9 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
     tokens = token_batch(batch=2, length=6)
 
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = get_peft_model(tiny_llama(), OFTConfig(oft_block_size=8, target_modules=["q_proj", "down_proj"],
-                                                       init_weights=False))
+        model = get_peft_model(
+            tiny_llama(), OFTConfig(oft_block_size=8, target_modules=["q_proj", "down_proj"], init_weights=False)
+        )
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.train()

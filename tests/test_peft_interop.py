@@ -24,36 +24,66 @@ TOLERANCE = 1e-6
 
 OFT_CASES = {
     "llama-neumann": (tiny_llama, {"oft_block_size": 8, "target_modules": ["q_proj", "v_proj"]}),
-    "llama-exact": (tiny_llama, {"oft_block_size": 8, "target_modules": ["q_proj", "v_proj", "down_proj"],
-                                 "use_cayley_neumann": False}),
-    "llama-r-exact": (tiny_llama, {"r": 4, "target_modules": ["k_proj", "o_proj"],
-                                   "use_cayley_neumann": False}),
-    "llama-coft": (tiny_llama, {"oft_block_size": 8, "target_modules": ["q_proj", "v_proj"], "coft": True,
-                                "eps": 1.0}),
-    "llama-coft-exact": (tiny_llama, {"oft_block_size": 8, "target_modules": ["q_proj"], "coft": True, "eps": 1.0,
-                                      "use_cayley_neumann": False}),
-    "llama-block-share": (tiny_llama, {"oft_block_size": 8, "target_modules": ["q_proj", "up_proj"],
-                                       "block_share": True, "use_cayley_neumann": False}),
+    "llama-exact": (
+        tiny_llama,
+        {"oft_block_size": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "use_cayley_neumann": False},
+    ),
+    "llama-r-exact": (tiny_llama, {"r": 4, "target_modules": ["k_proj", "o_proj"], "use_cayley_neumann": False}),
+    "llama-coft": (tiny_llama, {"oft_block_size": 8, "target_modules": ["q_proj", "v_proj"], "coft": True, "eps": 1.0}),
+    "llama-coft-exact": (
+        tiny_llama,
+        {"oft_block_size": 8, "target_modules": ["q_proj"], "coft": True, "eps": 1.0, "use_cayley_neumann": False},
+    ),
+    "llama-block-share": (
+        tiny_llama,
+        {
+            "oft_block_size": 8,
+            "target_modules": ["q_proj", "up_proj"],
+            "block_share": True,
+            "use_cayley_neumann": False,
+        },
+    ),
     "llama-embedding": (tiny_llama, {"oft_block_size": 8, "target_modules": ["embed_tokens", "q_proj"]}),
-    "llama-embedding-exact": (tiny_llama, {"oft_block_size": 4, "target_modules": ["embed_tokens"],
-                                           "use_cayley_neumann": False}),
-    "gpt2-embedding-head": (tiny_gpt2, {"oft_block_size": 8, "target_modules": ["wte", "lm_head"],
-                                        "use_cayley_neumann": False}),
+    "llama-embedding-exact": (
+        tiny_llama,
+        {"oft_block_size": 4, "target_modules": ["embed_tokens"], "use_cayley_neumann": False},
+    ),
+    "gpt2-embedding-head": (
+        tiny_gpt2,
+        {"oft_block_size": 8, "target_modules": ["wte", "lm_head"], "use_cayley_neumann": False},
+    ),
     "gpt2-bias-all": (tiny_gpt2, {"oft_block_size": 8, "target_modules": ["wte"], "bias": "all"}),
-    "bert-seq-cls": (tiny_bert, {"oft_block_size": 8, "target_modules": ["query", "value"],
-                                 "task_type": "SEQ_CLS"}),
+    "bert-seq-cls": (tiny_bert, {"oft_block_size": 8, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}),
 }
 BOFT_CASES = {
     "llama-m1": (tiny_llama, {"boft_block_size": 4, "target_modules": ["q_proj", "v_proj"]}),
-    "llama-m2": (tiny_llama, {"boft_block_size": 4, "boft_n_butterfly_factor": 2,
-                              "target_modules": ["q_proj", "o_proj"]}),
-    "llama-m3-block-num": (tiny_llama, {"boft_block_size": 0, "boft_block_num": 4, "boft_n_butterfly_factor": 3,
-                                        "target_modules": ["gate_proj", "v_proj"]}),
+    "llama-m2": (
+        tiny_llama,
+        {"boft_block_size": 4, "boft_n_butterfly_factor": 2, "target_modules": ["q_proj", "o_proj"]},
+    ),
+    "llama-m3-block-num": (
+        tiny_llama,
+        {
+            "boft_block_size": 0,
+            "boft_block_num": 4,
+            "boft_n_butterfly_factor": 3,
+            "target_modules": ["gate_proj", "v_proj"],
+        },
+    ),
     "gpt2-head-m2": (tiny_gpt2, {"boft_block_size": 4, "boft_n_butterfly_factor": 2, "target_modules": ["lm_head"]}),
-    "bert-seq-cls-m2": (tiny_bert, {"boft_block_size": 4, "boft_n_butterfly_factor": 2,
-                                    "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}),
-    "bert-bias-only": (tiny_bert, {"boft_block_size": 8, "target_modules": ["key", "dense"], "bias": "boft_only",
-                                   "task_type": "SEQ_CLS"}),
+    "bert-seq-cls-m2": (
+        tiny_bert,
+        {
+            "boft_block_size": 4,
+            "boft_n_butterfly_factor": 2,
+            "target_modules": ["query", "value"],
+            "task_type": "SEQ_CLS",
+        },
+    ),
+    "bert-bias-only": (
+        tiny_bert,
+        {"boft_block_size": 8, "target_modules": ["key", "dense"], "bias": "boft_only", "task_type": "SEQ_CLS"},
+    ),
 }
 
 
@@ -137,8 +167,9 @@ def test_peft_file_loads_in_orthotune_with_the_same_outputs(method, make_model, 
     assert rel_err(_outputs(ours, tokens), expected) <= TOLERANCE
     # Saving again writes the same tensors peft wrote (the exact-mode sign mapped back out).
     ours.save_pretrained(tmp_path / "again")
-    written, original = load_file(tmp_path / "again" / "adapter_model.safetensors"), load_file(
-        tmp_path / "adapter_model.safetensors"
+    written, original = (
+        load_file(tmp_path / "again" / "adapter_model.safetensors"),
+        load_file(tmp_path / "adapter_model.safetensors"),
     )
     assert written.keys() == original.keys()
     for key, tensor in original.items():
@@ -148,8 +179,8 @@ def test_peft_file_loads_in_orthotune_with_the_same_outputs(method, make_model, 
 def test_exact_mode_files_hold_peft_sign(tmp_path) -> None:
     """In exact Cayley mode peft's oft_R means R(-Q): the file holds minus our generators."""
     ours = orthotune.get_peft_model(
-        tiny_llama(), orthotune.OFTConfig(oft_block_size=8, target_modules=["q_proj"], init_weights=False,
-                                          use_cayley_neumann=False)
+        tiny_llama(),
+        orthotune.OFTConfig(oft_block_size=8, target_modules=["q_proj"], init_weights=False, use_cayley_neumann=False),
     )
     ours.save_pretrained(tmp_path)
     stored = load_file(tmp_path / "adapter_model.safetensors")
@@ -165,8 +196,8 @@ def test_peft_three_term_neumann_is_our_four_term_series(tmp_path) -> None:
     """peft's 3-term series is I + 2Q + 2Q² + Q³, the 4-term truncation: such files load exactly."""
     tokens = token_batch()
     theirs = peft.get_peft_model(
-        tiny_llama(), peft.OFTConfig(oft_block_size=8, target_modules=["q_proj"], init_weights=False,
-                                     num_cayley_neumann_terms=3)
+        tiny_llama(),
+        peft.OFTConfig(oft_block_size=8, target_modules=["q_proj"], init_weights=False, num_cayley_neumann_terms=3),
     ).eval()
     expected = _outputs(theirs, tokens)
     theirs.save_pretrained(tmp_path)

@@ -37,8 +37,13 @@ def test_boft_multiple_adapters_example(capsys) -> None:
     from orthotune import BOFTConfig, get_peft_model
 
     model = tiny_gpt2()
-    config = BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=1, boft_dropout=0.1,
-                        target_modules=["c_attn", "c_proj"], task_type="CAUSAL_LM")
+    config = BOFTConfig(
+        boft_block_size=8,
+        boft_n_butterfly_factor=1,
+        boft_dropout=0.1,
+        target_modules=["c_attn", "c_proj"],
+        task_type="CAUSAL_LM",
+    )
     peft_model = get_peft_model(model, config)
     peft_model.print_trainable_parameters()
     # per layer: boft_R (1, in/8, 8, 8) and boft_s (out, 1)
@@ -59,12 +64,17 @@ def test_boft_inference_with_merged_weights_example(tmp_path) -> None:
 
     def base_model():  # AutoModelForSequenceClassification.from_pretrained("bert-base-uncased")
         torch.manual_seed(0)
-        return BertForSequenceClassification(BertConfig(vocab_size=30000, hidden_size=32, intermediate_size=64,
-                                                        num_hidden_layers=2, num_attention_heads=4))
+        return BertForSequenceClassification(
+            BertConfig(
+                vocab_size=30000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+            )
+        )
 
     # "path/to/boft/adapter": an adapter saved first
-    trained = get_peft_model(base_model(), BOFTConfig(boft_block_size=8, target_modules=["query", "value"],
-                                                      task_type="SEQ_CLS", init_weights=False)).eval()
+    trained = get_peft_model(
+        base_model(),
+        BOFTConfig(boft_block_size=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_weights=False),
+    ).eval()
     trained.save_pretrained(tmp_path / "boft-adapter")
 
     # --- the example ---

@@ -24,16 +24,25 @@ def _dataset(size: int = 8) -> list[dict[str, torch.Tensor]]:
 
 def _trainer(model, output_dir, max_steps: int) -> OrthoTrainer:
     arguments = transformers.TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=5e-2,
-        save_steps=2, logging_steps=100, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=5e-2,
+        save_steps=2,
+        logging_steps=100,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     return OrthoTrainer(model=model, args=arguments, train_dataset=_dataset())
 
 
 def test_trainer_trains_and_saves_adapter_only_checkpoints(tmp_path) -> None:
     # tied embeddings: a full-state-dict save (plain Trainer on a non-peft model) fails on them outright
-    model = get_peft_model(tiny_llama(tie_word_embeddings=True), OFTConfig(oft_block_size=8,
-                                                                           target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        tiny_llama(tie_word_embeddings=True), OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj"])
+    )
     start = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
     _trainer(model, tmp_path, max_steps=4).train()
 
@@ -58,8 +67,9 @@ def test_trainer_resumes_from_an_adapter_checkpoint(tmp_path) -> None:
     def run(max_steps: int, resume: bool):
         model = get_peft_model(tiny_llama(), OFTConfig(oft_block_size=8, target_modules=["q_proj"]))
         _trainer(model, tmp_path, max_steps).train(resume_from_checkpoint=resume or None)
-        return {name: parameter.detach().clone() for name, parameter in model.named_parameters()
-                if parameter.requires_grad}
+        return {
+            name: parameter.detach().clone() for name, parameter in model.named_parameters() if parameter.requires_grad
+        }
 
     straight = run(4, resume=False)
     for name in os.listdir(tmp_path):

@@ -42,7 +42,9 @@ class _BlockDiagonalProduct(torch.autograd.Function):
     layer's matmul reads as it is (BLAS takes a transpose flag), so neither the input nor the output is copied
     into a block-major layout. Backward reads both ``x`` and the gradient in place as strided ``(D, ·, ·)``
     batches; only the input gradient is made row-major again, so that the rest of the model sees the usual
-    layout. Autograd's own rule for a view-bmm-view chain multiplied block by block with a copy per block.
+    layout. Autograd's own rule for a view-bmm-view chain multiplied block by block with a copy per block, and
+    reshaping the column-major gradient into blocks would copy it (an activation-sized buffer at the backward
+    peak).
     Only ``x`` itself is saved, so layers that share an input (``q``, ``k``, ``v``) share what backward keeps.
     """
 
@@ -58,12 +60,18 @@ class _BlockDiagonalProduct(torch.autograd.Function):
         ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, blocks = ctx.saved_tensors
-        grad_by_block = _block_view(grad, blocks.shape[0])
+        num_blocks = blocks.shape[0]
+        # The base layer's matmul hands back the gradient in the layout of its input, column-major: read its
+        # transpose as contiguous (D, b, m) blocks. A row-major gradient is read as a strided view instead.
+        if grad.t().is_contiguous():
+            grad_by_block = grad.t().view(num_blocks, -1, grad.shape[0]).transpose(1, 2)
+        else:
+            grad_by_block = _block_view(grad, num_blocks)
         grad_x = grad_blocks = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.bmm(grad_by_block, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
         if ctx.needs_input_grad[1]:
-            grad_blocks = torch.bmm(_block_view(x, blocks.shape[0]).transpose(1, 2), grad_by_block)
+            grad_blocks = torch.bmm(_block_view(x, num_blocks).transpose(1, 2), grad_by_block)
         return grad_x, grad_blocks
 
 
