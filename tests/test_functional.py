@@ -160,6 +160,33 @@ def test_cayley_neumann_error_is_spectral_norm_to_the_n_minus_1(
 
 
 @FAST
+@given(block_size=st.integers(2, 16), blocks=st.integers(1, 4), num_terms=st.integers(2, 9), seed=seeds)
+def test_cayley_neumann_gradient_equals_autograd_through_the_textbook_series(
+    block_size: int, blocks: int, num_terms: int, seed: int
+) -> None:
+    """The hand-written backward (it keeps only Q) against autograd through I + 2Q + … + 2Q^{n-2} + Q^{n-1}."""
+    q = (randn(blocks, block_size, block_size, seed=seed) * 0.3).requires_grad_(True)
+    upstream = randn(blocks, block_size, block_size, seed=seed + 1)
+    q_ref = q.detach().requires_grad_(True)
+    eye = torch.eye(block_size, dtype=torch.float64)
+    powers = [eye.expand_as(q_ref)]
+    for _ in range(num_terms - 1):
+        powers.append(powers[-1] @ q_ref)
+    textbook = sum((1.0 if k in (0, num_terms - 1) else 2.0) * power for k, power in enumerate(powers))
+    (expected,) = torch.autograd.grad((textbook * upstream).sum(), q_ref)
+    (actual,) = torch.autograd.grad((cayley_neumann(q, num_terms) * upstream).sum(), q)
+    assert rel_err(actual, expected) <= 1e-12
+
+
+def test_cayley_neumann_keeps_only_its_input_for_backward() -> None:
+    q = (randn(16, 32, 32, seed=0) * 0.1).requires_grad_(True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        cayley_neumann(q, 5)
+    assert sum(t.numel() for t in saved) == q.numel()
+
+
+@FAST
 @given(block_size=st.integers(2, 24), norm=st.floats(0.05, 0.9), seed=seeds)
 def test_cayley_neumann_converges_to_exact_as_terms_grow(block_size: int, norm: float, seed: int) -> None:
     q = _skew_with_spectral_norm(block_size, norm, seed)

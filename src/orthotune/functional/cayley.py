@@ -81,6 +81,48 @@ def cayley_exact(q: torch.Tensor) -> torch.Tensor:
     return _CayleyExact.apply(q)
 
 
+class _CayleyNeumann(torch.autograd.Function):
+    """The series ``R = (I + Q) Σ_{k=0}^{N} Qᵏ`` (``N = n - 2``), saving only ``Q`` for backward.
+
+    Autograd would keep every power and partial sum (7 ``(r, b, b)`` tensors for the default 5 terms, per layer,
+    until backward); recomputing the powers there costs a few ``b × b`` products. As a polynomial,
+    ``R = Σ_{k=0}^{N+1} c_k Qᵏ`` with ``c_0 = c_{N+1} = 1`` and ``c_k = 2`` between, so
+    ``∂L/∂Q = Σ_{i+j≤N} c_{i+j+1} (Qᵀ)ⁱ G (Qᵀ)ʲ = Σ_i (Qᵀ)ⁱ G S_i`` with ``S_i = Σ_j c_{i+j+1} (Qᵀ)ʲ``.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor, num_terms: int) -> torch.Tensor:
+        ctx.save_for_backward(q)
+        ctx.num_terms = num_terms
+        series = _identity_like(q)  # Σ_{k=0}^{N} Qᵏ, built term by term
+        power = series
+        for _ in range(num_terms - 2):
+            power = power @ q
+            series = series + power
+        return series + q @ series  # (I + Q) · series
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (q,) = ctx.saved_tensors
+        highest = ctx.num_terms - 2  # N
+        q_t = q.transpose(-1, -2)
+        powers = [_identity_like(q)]  # (Qᵀ)ʲ, j = 0..N
+        for _ in range(highest):
+            powers.append(powers[-1] @ q_t)
+
+        def coefficient(k: int) -> float:
+            return 1.0 if k in (0, highest + 1) else 2.0
+
+        total = torch.zeros_like(grad)
+        left = grad  # (Qᵀ)ⁱ G
+        for i in range(highest + 1):
+            right = sum(coefficient(i + j + 1) * powers[j] for j in range(highest - i + 1))
+            total = total + left @ right
+            if i < highest:
+                left = q_t @ left
+        return total, None
+
+
 def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
     """Cayley-Neumann approximation ``(I + Q) Σ_{k=0}^{n-2} Qᵏ`` of :func:`cayley_exact`.
 
@@ -90,18 +132,13 @@ def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
             grows.
 
     Returns:
-        ``(..., b, b)``, orthogonal up to ``2‖Q‖₂^{n-1}``.
+        ``(..., b, b)``, orthogonal up to ``2‖Q‖₂^{n-1}``. Differentiable once; backward keeps only ``Q``.
     """
     if num_terms < 2:
         raise ValueError(
             f"num_cayley_neumann_terms={num_terms} is too few: the series needs at least 2 terms (I + Q); use 5"
         )
-    series = _identity_like(q)  # Σ_{k=0}^{n-2} Qᵏ, built term by term
-    power = series
-    for _ in range(num_terms - 2):
-        power = power @ q
-        series = series + power
-    return series + q @ series  # (I + Q) · series
+    return _CayleyNeumann.apply(q, num_terms)
 
 
 def cayley_transform(q: torch.Tensor, use_neumann: bool = False, num_neumann_terms: int = 5) -> torch.Tensor:
