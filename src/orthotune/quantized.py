@@ -56,18 +56,20 @@ def _set_path(obj: Any, path: str, value: Any) -> None:
     *parents, last = path.split(".")
     for part in parents:
         obj = getattr(obj, part)
-    if isinstance(obj, nn.Module) and isinstance(value, nn.Parameter):
-        obj._parameters[last] = value  # a plain setattr would also work, but refuses None -> Parameter swaps
-    else:
-        setattr(obj, last, value)
+    setattr(obj, last, value)
+
+
+def _stored_weight(layer: nn.Module) -> Any:
+    """The registered ``weight`` parameter, read without going through a property a layer may define."""
+    return layer._parameters.get("weight")
 
 
 def _holds_plain_weight(layer: nn.Module) -> bool:
-    return type(layer._parameters.get("weight")) in (torch.Tensor, nn.Parameter)
+    return type(_stored_weight(layer)) in (torch.Tensor, nn.Parameter)
 
 
 def _weight_class_name(layer: nn.Module) -> str:
-    weight = layer._parameters.get("weight") if isinstance(layer, nn.Module) else None
+    weight = _stored_weight(layer)
     return type(weight).__name__ if weight is not None else ""
 
 
@@ -142,7 +144,7 @@ def _bnb_8bit_requantize(layer: nn.Module, matrix: torch.Tensor) -> None:
 
 # ------------------------------------------------------------------------------------ torchao
 def _is_torchao_int8(layer: nn.Module) -> bool:
-    weight = layer._parameters.get("weight")
+    weight = _stored_weight(layer)
     return type(weight).__name__ == "Int8Tensor" and type(weight).__module__.startswith("torchao")
 
 
