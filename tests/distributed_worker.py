@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tiny_models import tiny_llama_wide
 from torch import nn
 
 STEPS = 3
@@ -36,22 +37,6 @@ WORLD_SIZE = 2
 COLLECTIVE_TIMEOUT_S = 60
 
 
-def tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config)
-
-
 def adapter_config(method: str) -> Any:
     import orthotune
 
@@ -63,7 +48,7 @@ def adapter_config(method: str) -> Any:
 def adapted_model(method: str) -> nn.Module:
     import orthotune
 
-    return orthotune.get_peft_model(tiny_llama(), adapter_config(method))
+    return orthotune.get_peft_model(tiny_llama_wide(), adapter_config(method))
 
 
 def global_batch() -> torch.Tensor:
@@ -123,7 +108,7 @@ def assert_saved_adapter_matches(saved: pathlib.Path, method: str, references: d
     import orthotune
 
     assert sorted(os.listdir(saved)) == ["adapter_config.json", "adapter_model.safetensors"]
-    reloaded = orthotune.PeftModel.from_pretrained(tiny_llama(), saved, is_trainable=True)
+    reloaded = orthotune.PeftModel.from_pretrained(tiny_llama_wide(), saved, is_trainable=True)
     loaded = adapter_tensors(reloaded)
     reference, half = references[f"{method}-full"], references[f"{method}-half"]
     assert loaded.keys() == reference.keys() and loaded

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import load_benchmark, rel_err, rotation_reference
 from test_boft import dense_reference as boft_dense_reference
+from tiny_models import tiny_llama_wide
 from torch import nn
 
 import orthotune
@@ -102,22 +103,6 @@ def test_unknown_quantized_format_refuses_to_merge_with_the_reason() -> None:
 
 
 # ------------------------------------------------------------------------------------------ whole models
-def _tiny_llama_checkpoint(directory: str) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-
-
 def _transformers_quantization(name: str):
     transformers = pytest.importorskip("transformers")
     if name.startswith("bitsandbytes"):
@@ -153,7 +138,7 @@ def _load_quantized(directory: str, quantization: str) -> nn.Module:
 @pytest.mark.parametrize("method", ["OFT", "BOFT"])
 def test_quantized_transformers_model_trains_saves_reloads_and_merges(quantization: str, method: str) -> None:
     with tempfile.TemporaryDirectory() as checkpoint, tempfile.TemporaryDirectory() as adapter:
-        _tiny_llama_checkpoint(checkpoint)
+        tiny_llama_wide().save_pretrained(checkpoint)
         if method == "OFT":
             config = orthotune.OFTConfig(r=0, oft_block_size=16, target_modules="all-linear", init_weights=False)
         else:
@@ -211,7 +196,7 @@ def test_peft_adapter_on_bnb_4bit_model_loads_with_peft_outputs(method: str) -> 
     """peft 0.21.2 wraps bitsandbytes layers with its own classes; its files and outputs must carry over."""
     peft = pytest.importorskip("peft")
     with tempfile.TemporaryDirectory() as checkpoint, tempfile.TemporaryDirectory() as adapter:
-        _tiny_llama_checkpoint(checkpoint)
+        tiny_llama_wide().save_pretrained(checkpoint)
         if method == "OFT":
             config = peft.OFTConfig(r=0, oft_block_size=16, target_modules="all-linear", init_weights=False)
         else:

@@ -25,6 +25,25 @@ def tiny_llama(tie_word_embeddings: bool = False):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_llama_wide():
+    """A tiny Llama twice as wide (hidden 64, 4 key-value heads), in training mode: wide enough for OFT blocks of
+    16, BOFT blocks of 8 with two factors, and the quantizers' groups; shared by the multi-process and
+    quantized-base tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
 def tiny_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
