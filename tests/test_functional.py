@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -315,21 +316,34 @@ def test_rotate_activations_equals_dense_block_diagonal_product(
     num_blocks=st.integers(2, 5),
     block_size=st.sampled_from([1, 3, 8, 32, 40]),
     batch=st.lists(st.integers(1, 4), min_size=1, max_size=2),
+    into_linear=st.booleans(),
     seed=seeds,
 )
 def test_rotate_activations_gradients_equal_the_dense_products(
-    num_blocks: int, block_size: int, batch: list[int], seed: int
+    num_blocks: int, block_size: int, batch: list[int], into_linear: bool, seed: int
 ) -> None:
-    """rotate_activations has a hand-written backward; autograd through the dense product is the truth."""
-    x = randn(*batch, num_blocks * block_size, seed=seed, dtype=torch.float64).requires_grad_(True)
+    """rotate_activations has a hand-written backward; autograd through the dense product is the truth.
+
+    ``into_linear``: the column-major product feeds a matmul, as in the layers, and its gradient comes back
+    column-major, which backward reads by another path.
+    """
+    width = num_blocks * block_size
+    x = randn(*batch, width, seed=seed, dtype=torch.float64).requires_grad_(True)
     blocks = randn(num_blocks, block_size, block_size, seed=seed + 1, dtype=torch.float64).requires_grad_(True)
-    upstream = randn(*batch, num_blocks * block_size, seed=seed + 2, dtype=torch.float64)
-    grads = torch.autograd.grad((rotate_activations(x, blocks) * upstream).sum(), (x, blocks))
-    x_ref, blocks_ref = x.detach().requires_grad_(True), blocks.detach().requires_grad_(True)
-    dense = torch.block_diag(*blocks_ref.unbind(0))
-    expected = torch.autograd.grad(((x_ref @ dense) * upstream).sum(), (x_ref, blocks_ref))
-    assert rel_err(grads[0], expected[0]) <= 1e-12
-    assert rel_err(grads[1], expected[1]) <= 1e-12
+    weight = randn(7, width, seed=seed + 2, dtype=torch.float64) if into_linear else None
+    upstream = randn(*batch, 7 if into_linear else width, seed=seed + 3, dtype=torch.float64)
+
+    def gradients(rotate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        inputs = x.detach().requires_grad_(True), blocks.detach().requires_grad_(True)
+        out = rotate(*inputs)
+        if weight is not None:
+            out = torch.nn.functional.linear(out, weight)
+        return torch.autograd.grad((out * upstream).sum(), inputs)
+
+    actual = gradients(lambda x_, b_: rotate_activations(x_, b_, row_major=not into_linear))
+    expected = gradients(lambda x_, b_: x_ @ torch.block_diag(*b_.unbind(0)))
+    assert rel_err(actual[0], expected[0]) <= 1e-12
+    assert rel_err(actual[1], expected[1]) <= 1e-12
 
 
 def test_rotate_activations_is_row_major_unless_asked_to_keep_the_product_layout() -> None:
@@ -340,26 +354,6 @@ def test_rotate_activations_is_row_major_unless_asked_to_keep_the_product_layout
     assert row_major.is_contiguous() and not as_computed.is_contiguous()
     assert torch.equal(row_major, as_computed)
     assert rel_err(row_major, x.double() @ dense_block_diag(blocks.double())) <= 1e-5
-
-
-@FAST
-@given(num_blocks=st.integers(2, 5), block_size=st.sampled_from([1, 3, 8, 32]), rows=st.integers(1, 6), seed=seeds)
-def test_rotate_activations_into_a_linear_layer_has_the_dense_gradients(
-    num_blocks: int, block_size: int, rows: int, seed: int
-) -> None:
-    """The column-major product feeds a matmul, whose gradient comes back column-major: the other backward path."""
-    width = num_blocks * block_size
-    x = randn(rows, width, seed=seed, dtype=torch.float64).requires_grad_(True)
-    blocks = randn(num_blocks, block_size, block_size, seed=seed + 1, dtype=torch.float64).requires_grad_(True)
-    weight = randn(7, width, seed=seed + 2, dtype=torch.float64)
-    upstream = randn(rows, 7, seed=seed + 3, dtype=torch.float64)
-    out = torch.nn.functional.linear(rotate_activations(x, blocks, row_major=False), weight)
-    grads = torch.autograd.grad((out * upstream).sum(), (x, blocks))
-    x_ref, blocks_ref = x.detach().requires_grad_(True), blocks.detach().requires_grad_(True)
-    dense = torch.block_diag(*blocks_ref.unbind(0))
-    expected = torch.autograd.grad(((x_ref @ dense @ weight.t()) * upstream).sum(), (x_ref, blocks_ref))
-    assert rel_err(grads[0], expected[0]) <= 1e-12
-    assert rel_err(grads[1], expected[1]) <= 1e-12
 
 
 def test_rotate_activations_backward_passes_gradcheck_and_gradgradcheck() -> None:
