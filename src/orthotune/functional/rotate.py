@@ -44,8 +44,8 @@ class _BlockDiagonalProduct(torch.autograd.Function):
     batches; only the input gradient is made row-major again, so that the rest of the model sees the usual
     layout. Autograd's own rule for a view-bmm-view chain multiplied block by block with a copy per block, and
     reshaping the column-major gradient into blocks would copy it (an activation-sized buffer at the backward
-    peak).
-    Only ``x`` itself is saved, so layers that share an input (``q``, ``k``, ``v``) share what backward keeps.
+    peak). Only ``x`` itself is saved, so layers that share an input (``q``, ``k``, ``v``) share what backward
+    keeps.
     """
 
     @staticmethod
