@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import run
 
 import orthotune
-from orthotune import cli
 from orthotune.checkpoint import read_adapter_files
 from orthotune.functional import skew_from_packed
 from orthotune.inspection import hyperspherical_energy, hyperspherical_energy_change, neuron_sample
@@ -73,15 +73,6 @@ INPUTS = {
     "input_ids": torch.tensor([[2, 5, 6, 7, 9, 3], [2, 11, 12, 3, 0, 0]]),
     "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]),
 }
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exit_:
-        status = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
 
 
 # ------------------------------------------------------------------------------------------------ merge
