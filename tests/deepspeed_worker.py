@@ -3,7 +3,7 @@
 Each process adds an OFT or BOFT adapter to the tiny Llama of :mod:`distributed_worker`, hands the model to
 ``deepspeed.initialize`` (ZeRO-3 partitions every parameter there, so the adapter is added before), trains it
 with DeepSpeed's ``backward`` and ``step``, saves the adapter from rank 0, and merges it into the partitioned
-base weights with :func:`orthotune.distributed.merge_adapter_zero3`.
+base weights with :func:`orthotune.integrations.distributed.merge_adapter_zero3`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _scenario(rank: int, world_size: int, method: str, stage: int, save_dir: str
     import deepspeed
     from conftest import rel_err
 
-    from orthotune.distributed import merge_adapter_zero3, unmerge_adapter_zero3
+    from orthotune.integrations.distributed import merge_adapter_zero3, unmerge_adapter_zero3
 
     model = worker.adapted_model(method)
     adapter = [p for p in model.parameters() if p.requires_grad]

@@ -234,7 +234,7 @@ def test_failure_while_saving_leaves_nothing(
         (directory / "adapter_model.safetensors").write_bytes(b"half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(cli, "_save", half_save)
+    monkeypatch.setattr(cli.finetune, "_save", half_save)
     output = tmp_path / "new" / "adapter"
     status, _, err = run(
         capsys,

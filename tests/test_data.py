@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orthotune.data import DataError, labelled_texts, read_table, train_test_split
-from orthotune.finetune import pearson
+from orthotune.cli.data import DataError, labelled_texts, read_table, train_test_split
+from orthotune.cli.recipe import pearson
 
 
 def test_csv_tsv_and_jsonl_read_the_same(tmp_path: Path) -> None:

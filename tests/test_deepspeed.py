@@ -4,7 +4,7 @@ into ZeRO-3's partitioned base weights.
 As in tests/test_distributed.py, one spawn runs every scenario (OFT and BOFT, each under ZeRO-2 and ZeRO-3) in
 one process group; each saves its adapter once, from rank 0 (under ZeRO-3 after gathering the adapter's
 slices), and the test reloads it and compares it with one process training on the whole global batch. Then
-each merges its adapter with :func:`orthotune.distributed.merge_adapter_zero3`, which gathers one layer's
+each merges its adapter with :func:`orthotune.integrations.distributed.merge_adapter_zero3`, which gathers one layer's
 partitioned weights at a time, and compares the merged output with the unmerged one.
 
 Tolerances, float32, 3 SGD steps: adapter tensors within 1e-5 relative of one process (measured 3e-7);

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import orthotune
-from orthotune.data import labelled_texts
-from orthotune.finetune import PooledHeadModel, Targets, TokenizedTexts, evaluate, fit_probe, pooled_features, train
+from orthotune.cli.data import labelled_texts
+from orthotune.cli.recipe import PooledHeadModel, Targets, TokenizedTexts, evaluate, fit_probe, pooled_features, train
 
 
 class CharTokenizer:
@@ -65,7 +65,7 @@ def test_probe_fits_a_linear_target() -> None:
     how = Targets(data)
     head = nn.Linear(8, 1)
     l2 = fit_probe(head, features, how.tensor(data.labels), how)
-    assert l2 in orthotune.finetune.PROBE_L2_GRID
+    assert l2 in orthotune.cli.recipe.PROBE_L2_GRID
     assert how.scores(head(features).detach(), how.tensor(data.labels)).value > 0.99
 
 

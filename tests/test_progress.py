@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from orthotune.progress import ProgressBar
+from orthotune.cli.progress import ProgressBar
 
 
 def test_text_bar_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:

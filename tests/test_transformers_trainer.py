@@ -14,7 +14,7 @@ from orthotune import OFTConfig, get_peft_model
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-from orthotune.trainer import OrthoTrainer  # noqa: E402  (needs transformers)
+from orthotune.integrations.trainer import OrthoTrainer  # noqa: E402  (needs transformers)
 
 
 def _dataset(size: int = 8) -> list[dict[str, torch.Tensor]]:

@@ -3,15 +3,29 @@
 Layers live in :mod:`orthotune.oft` and :mod:`orthotune.boft`; the math they share, as pure functions on
 tensors, in :mod:`orthotune.functional`. Whole models get peft's API: :class:`OFTConfig`/:class:`BOFTConfig`,
 :func:`get_peft_model`, and :class:`OrthoModel` (also named :data:`PeftModel`), whose adapter files are
-peft's. Importing this package imports torch (and safetensors when a file is read or written) only.
+peft's. See ``docs/architecture.md`` for where each part lives.
+
+The public names below are imported on first use (PEP 562), so ``import orthotune`` and ``orthotune --help``
+import neither torch nor anything else until a name is asked for.
 """
 
-from orthotune import functional
-from orthotune.adapter_layer import AdapterLayer
-from orthotune.config import BOFTConfig, OFTConfig
-from orthotune.model import OrthoModel, PeftModel, get_peft_model
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "AdapterLayer": "orthotune.adapter_layer",
+    "BOFTConfig": "orthotune.config",
+    "OFTConfig": "orthotune.config",
+    "OrthoModel": "orthotune.model",
+    "PeftModel": "orthotune.model",
+    "get_peft_model": "orthotune.model",
+}
+_SUBMODULES = ("functional",)
 
 __all__ = [
     "AdapterLayer",
@@ -23,3 +37,23 @@ __all__ = [
     "functional",
     "get_peft_model",
 ]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports these on first use
+    from orthotune import functional
+    from orthotune.adapter_layer import AdapterLayer
+    from orthotune.config import BOFTConfig, OFTConfig
+    from orthotune.model import OrthoModel, PeftModel, get_peft_model
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"orthotune.{name}")
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'orthotune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

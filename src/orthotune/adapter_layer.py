@@ -1,8 +1,18 @@
-"""Bookkeeping shared by every adapted layer: adapters by name, which are active, merging and unmerging.
+"""The method contract: a base layer with named adapters, and the bookkeeping every method shares.
 
-The math of each method lives in :mod:`orthotune.functional`; a layer class says only how its adapter turns
-into a rotation and how that rotation meets the base layer (subclasses implement ``_adapted_forward``,
-``_merged_weight`` and ``_unmerged_weight``).
+A method (OFT, BOFT, …) is a subclass of :class:`AdapterLayer` that implements five things and nothing else:
+
+- ``_create_adapter_holders()``: the ``nn.ModuleDict``/``nn.ParameterDict``/dict attributes named in
+  ``adapter_layer_names`` and ``other_param_names``;
+- ``update_layer(adapter_name, **arguments)``: create (or replace) one adapter; the method's signature and
+  defaults are stated there once, and the layer constructors forward to it;
+- ``_adapted_forward(x, active)``: the base layer with the active adapters applied;
+- ``_merged_weight(W, name)`` / ``_unmerged_weight(W, name)``: the ``(out, d)`` weight matrix (see
+  :func:`orthotune.base_layer.weight_matrix`) with one adapter merged in, and back;
+- ``adapter_tensors(name)``: the adapter's tensors by their key under the module in peft's files.
+
+The math of each method lives in :mod:`orthotune.functional`; everything else (names, active set, merging
+in order, quantized bases, mixed batches, freezing) is here.
 
 Order of several adapters: the first active adapter sits next to the base layer. For a layer that rotates
 its input, the last active adapter rotates the input first; merging the adapters one after another, in
@@ -11,7 +21,7 @@ active order, gives exactly the model that forward computes.
 
 from __future__ import annotations
 
-import logging
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -28,15 +38,7 @@ from orthotune.base_layer import (
     weight_matrix,
     write_weight_matrix,
 )
-from orthotune.quantized import quantized_backend
-
-logger = logging.getLogger(__name__)
-
-
-def check_init_weights(init_weights: object) -> None:
-    """peft's ``init_weights`` values: ``True`` (identity) or ``False`` (random)."""
-    if init_weights is not True and init_weights is not False:
-        raise ValueError(f"init_weights={init_weights!r} is not supported; use True (identity) or False (random)")
+from orthotune.integrations.quantized import quantized_backend
 
 
 def _as_name_list(names: str | Iterable[str]) -> list[str]:
@@ -115,8 +117,37 @@ class AdapterLayer(ActiveAdapters, nn.Module):
     adapter_layer_names: tuple[str, ...] = ()
     #: Names of the plain dicts that hold per-adapter settings.
     other_param_names: tuple[str, ...] = ()
+    #: The order of the constructor's arguments after ``adapter_name`` (peft's, which may differ from
+    #: ``update_layer``'s); their defaults are ``update_layer``'s and :meth:`__init__`'s, stated only there.
+    constructor_arguments: tuple[str, ...] = ()
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Concrete layers (those with a forward) get peft's constructor; OFTLayer(base) wraps without an adapter.
+        concrete = cls._adapted_forward is not AdapterLayer._adapted_forward
+        if concrete and cls.constructor_arguments and "__init__" not in cls.__dict__:
+            cls.__init__ = _constructor_with_signature(cls)  # type: ignore[method-assign]
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str | None = None,
+        *,
+        fan_in_fan_out: bool = False,
+        is_target_conv_1d_layer: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Wrap ``base_layer`` (frozen) and, given ``adapter_name``, add that adapter.
+
+        Args:
+            base_layer: the layer to adapt.
+            adapter_name: the first adapter's name; ``None`` wraps without adapters (peft's ``OFTLayer(base)``).
+            fan_in_fan_out: peft's flag for a weight stored ``(in, out)``; the layout is detected, and a wrong
+                flag is corrected with a warning.
+            is_target_conv_1d_layer: kept for peft.
+            kwargs: the method's ``update_layer`` arguments (see there for their meaning and defaults); any
+                other keyword is kept in ``self.kwargs``, as peft does.
+        """
         super().__init__()
         # The base layer is frozen: only the adapters train (as after peft's get_peft_model).
         base_layer.requires_grad_(False)
@@ -130,6 +161,53 @@ class AdapterLayer(ActiveAdapters, nn.Module):
         self.merged_adapters: list[str] = []
         # For a quantized base layer, the packed weight as it was before each merge (see unmerge).
         self._storage_before_merge: list[dict[str, Any]] = []
+        self.fan_in_fan_out = _checked_fan_in_fan_out(self.kind, fan_in_fan_out)
+        self.is_target_conv_1d_layer = is_target_conv_1d_layer
+        self._create_adapter_holders()
+        accepted = inspect.signature(self.update_layer).parameters
+        self.kwargs = {key: value for key, value in kwargs.items() if key not in accepted}
+        if adapter_name is not None:
+            self.update_layer(adapter_name, **{key: value for key, value in kwargs.items() if key in accepted})
+
+    # ------------------------------------------------------------------------------------- the contract
+    def _create_adapter_holders(self) -> None:
+        """Create the (empty) attributes named in ``adapter_layer_names`` and ``other_param_names``."""
+        raise NotImplementedError
+
+    def update_layer(self, adapter_name: str, **kwargs: Any) -> None:
+        """Create (or replace) the adapter ``adapter_name``; each method states its arguments here."""
+        raise NotImplementedError
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors by their key under this module in peft's files (e.g. ``"oft_R.weight"``)."""
+        raise NotImplementedError
+
+    def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The fp32 ``(out, d)`` weight matrix with the adapter merged into it."""
+        raise NotImplementedError
+
+    def _unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The exact inverse of :meth:`_merged_weight`."""
+        raise NotImplementedError
+
+    def merged_weight_matrix(self, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+        """The fp32 ``(out, d)`` weight matrix with ``adapter_names`` (default: the active ones) merged in order,
+        computed without writing anything (for export and inspection)."""
+        names = self.active_adapters if adapter_names is None else _as_name_list(adapter_names)
+        self._check_known(names)
+        with torch.no_grad():
+            weight = weight_matrix(self.base_layer, self.kind).float()
+            for name in names:
+                weight = self._merged_weight(weight, name)
+        return weight
+
+    def _check_known(self, names: list[str]) -> None:
+        unknown = [name for name in names if name not in self.adapter_names]
+        if unknown:
+            raise ValueError(f"adapter_names={unknown} not found in this layer; it holds {self.adapter_names}")
 
     # ----------------------------------------------------------------------------------------- adapters
     def get_base_layer(self) -> nn.Module:
@@ -231,9 +309,6 @@ class AdapterLayer(ActiveAdapters, nn.Module):
 
         return forward_per_adapter(x, adapter_names, run)
 
-    def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        raise NotImplementedError
-
     def _base_forward_on_rotated(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer on rotated activations, which may be column-major (see ``rotate_activations``)."""
         if not self._base_reads_any_layout:
@@ -249,9 +324,7 @@ class AdapterLayer(ActiveAdapters, nn.Module):
             adapter_names: adapters to merge; already merged ones are skipped with a warning.
         """
         names = self.active_adapters if adapter_names is None else _as_name_list(adapter_names)
-        unknown = [name for name in names if name not in self.adapter_names]
-        if unknown:
-            raise ValueError(f"adapter_names={unknown} not found in this layer; it holds {self.adapter_names}")
+        self._check_known(names)
         already = [name for name in names if name in self.merged_adapters]
         if already:
             warnings.warn(f"adapters {already} are already merged; merging the others only", stacklevel=2)
@@ -290,13 +363,58 @@ class AdapterLayer(ActiveAdapters, nn.Module):
                 restored = self._unmerged_weight(weight_matrix(self.base_layer, self.kind).float(), name)
             write_weight_matrix(self.base_layer, self.kind, restored)
 
-    def _merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        raise NotImplementedError
-
     @property
     def rotates_output(self) -> bool:
         """An embedding rotates what it outputs; every other kind rotates what it reads."""
         return self.kind is LayerKind.EMBEDDING
+
+
+def _constructor_with_signature(cls: type[AdapterLayer]) -> Callable[..., None]:
+    """``AdapterLayer.__init__`` with the explicit signature of peft's constructor for ``cls``.
+
+    Arguments are accepted in the order of ``cls.constructor_arguments`` (positionally too), then
+    ``update_layer``'s other arguments and ``inference_mode`` by keyword; every default comes from
+    ``update_layer`` or :meth:`AdapterLayer.__init__`, so it is written once.
+    """
+    base_parameters = inspect.signature(AdapterLayer.__init__).parameters
+    update_parameters = inspect.signature(cls.update_layer).parameters
+    known = {**{name: base_parameters[name] for name in ("fan_in_fan_out", "is_target_conv_1d_layer")}}
+    known.update({name: value for name, value in update_parameters.items() if name not in ("self", "adapter_name")})
+    positional_kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [
+        inspect.Parameter("self", positional_kind),
+        inspect.Parameter("base_layer", positional_kind),
+        inspect.Parameter("adapter_name", positional_kind),
+    ]
+    parameters += [known[name].replace(kind=positional_kind) for name in cls.constructor_arguments]
+    parameters += [
+        value.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for name, value in known.items()
+        if name not in cls.constructor_arguments and value.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+    parameters.append(inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD))
+    signature = inspect.Signature(parameters)
+
+    def __init__(self: AdapterLayer, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        extra = arguments.pop("kwargs", {})
+        AdapterLayer.__init__(self, **arguments, **extra)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__doc__ = f"{cls.__name__}(base_layer, adapter_name, ...): see ``update_layer`` for the arguments."
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    return __init__
+
+
+def _checked_fan_in_fan_out(kind: LayerKind, fan_in_fan_out: bool) -> bool:
+    """The layer's true weight layout; a wrong flag is corrected with a warning, as peft does."""
+    actual = kind is LayerKind.CONV1D
+    if fan_in_fan_out != actual:
+        warnings.warn(
+            f"fan_in_fan_out={fan_in_fan_out} does not match the base layer, whose weight is stored as "
+            f"{'(in, out)' if actual else '(out, in)'}; using fan_in_fan_out={actual}",
+            stacklevel=3,
+        )
+    return actual

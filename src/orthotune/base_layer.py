@@ -13,11 +13,12 @@ import contextvars
 import enum
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from orthotune.quantized import quantized_backend
+from orthotune.integrations.quantized import quantized_backend
 
 
 class LayerKind(enum.Enum):
@@ -33,7 +34,12 @@ def is_transformers_conv1d(module: nn.Module) -> bool:
 
 
 def layer_kind(base_layer: nn.Module) -> LayerKind:
-    """Classify ``base_layer``, or raise a ``TypeError`` that says what is supported."""
+    """Classify ``base_layer``.
+
+    Raises:
+        TypeError: a kind of layer orthotune cannot adapt (the message lists the supported ones).
+        ValueError: a grouped ``nn.Conv2d``, which a rotation of its patch features would break.
+    """
     if isinstance(base_layer, nn.Embedding):
         return LayerKind.EMBEDDING
     if isinstance(base_layer, nn.Conv2d):
@@ -65,7 +71,7 @@ def reads_any_layout(base_layer: nn.Module) -> bool:
     return type(base_layer) is nn.Linear or is_transformers_conv1d(base_layer)
 
 
-def in_out_features(base_layer: nn.Module, kind: LayerKind) -> tuple[int, int]:
+def in_out_features(base_layer: Any, kind: LayerKind) -> tuple[int, int]:
     """peft's ``(in_features, out_features)``: channels for Conv2d, ``(dim, num)`` for an embedding."""
     if kind is LayerKind.EMBEDDING:
         return base_layer.embedding_dim, base_layer.num_embeddings
@@ -77,7 +83,7 @@ def in_out_features(base_layer: nn.Module, kind: LayerKind) -> tuple[int, int]:
     return base_layer.in_features, base_layer.out_features
 
 
-def rotated_features(base_layer: nn.Module, kind: LayerKind) -> int:
+def rotated_features(base_layer: Any, kind: LayerKind) -> int:
     """``d``: how many features the rotation acts on (``in·kh·kw`` for Conv2d)."""
     in_features, _ = in_out_features(base_layer, kind)
     if kind is LayerKind.CONV2D:
@@ -85,13 +91,17 @@ def rotated_features(base_layer: nn.Module, kind: LayerKind) -> int:
     return in_features
 
 
-#: True while orthotune.distributed holds a DeepSpeed ZeRO-3 layer gathered so that merging may write into it.
+#: True while orthotune.integrations.distributed holds a DeepSpeed ZeRO-3 layer gathered so that merging may
+#: write into it.
 _ZERO3_GATHERED = contextvars.ContextVar("zero3_gathered", default=False)
 
 
 @contextlib.contextmanager
 def zero3_weights_gathered() -> Iterator[None]:
-    """Mark the enclosed merge as running on ZeRO-3 parameters gathered for it (see orthotune.distributed)."""
+    """Mark the enclosed merge as running on ZeRO-3 parameters gathered for it.
+
+    See :mod:`orthotune.integrations.distributed`.
+    """
     token = _ZERO3_GATHERED.set(True)
     try:
         yield
@@ -99,7 +109,7 @@ def zero3_weights_gathered() -> Iterator[None]:
         _ZERO3_GATHERED.reset(token)
 
 
-def plain_weight(base_layer: nn.Module) -> torch.Tensor:
+def plain_weight(base_layer: Any) -> torch.Tensor:
     """The base layer's floating-point weight, or a clear error for layers that store it otherwise."""
     try:
         weight = base_layer.weight
@@ -116,11 +126,12 @@ def plain_weight(base_layer: nn.Module) -> torch.Tensor:
         # and will overwrite with its own partitions: a merge written there would be lost without a word.
         raise NotImplementedError(
             f"cannot merge into {type(base_layer).__name__}: its weight is partitioned by DeepSpeed ZeRO-3; call "
-            "orthotune.distributed.merge_adapter_zero3(model) (or unmerge_adapter_zero3) on every rank, which "
-            "gathers each layer, merges and lets ZeRO-3 partition the result"
+            "orthotune.integrations.distributed.merge_adapter_zero3(model) (or unmerge_adapter_zero3) on every rank, "
+            "which gathers each layer, merges and lets ZeRO-3 partition the result"
         )
-    plain = type(weight) in (torch.Tensor, nn.Parameter)
-    if not plain or not weight.is_floating_point():
+    if not isinstance(weight, torch.Tensor) or type(weight) not in (torch.Tensor, nn.Parameter):
+        weight = None
+    if weight is None or not weight.is_floating_point():
         raise NotImplementedError(
             f"cannot merge into {type(base_layer).__name__}: its weight is not a plain floating-point tensor "
             "and not one of the quantized formats orthotune can requantize (bitsandbytes 4/8-bit, torchao int8, "

@@ -14,7 +14,7 @@ generator is ``Q = (Aᵀ - A)/2`` (the sign that makes peft's files mean the sam
 Cayley convention, see :mod:`orthotune.functional.cayley`); ``boft_s[name]`` is ``(out_features, 1)`` for
 linear layers and ``(1, out_channels)`` for Conv2d.
 
-``boft_n_butterfly_factor`` is the number of factors ``m``; ``0`` (the layer's default in the spec) means
+``boft_n_butterfly_factor`` is the number of factors ``m``; ``0`` (the layer's default in peft) means
 ``1``, a single block-diagonal factor, like peft's config default. Unlike peft, ``m > 1`` is honoured on every
 device with no extension to compile.
 """
@@ -26,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from orthotune.adapter_layer import AdapterLayer, check_init_weights
+from orthotune.adapter_layer import AdapterLayer
 from orthotune.base_layer import LayerKind, weight_matrix
+from orthotune.blocks import resolve_boft_blocks
 from orthotune.functional import (
     boft_generators,
     butterfly_dense,
@@ -36,31 +37,16 @@ from orthotune.functional import (
     butterfly_rotate_weight,
     cayley_exact,
 )
-from orthotune.oft import MultiplicativeDropoutLayer, _check_dropout, _checked_fan_in_fan_out
+from orthotune.oft import MultiplicativeDropoutLayer
+from orthotune.validation import check_init_weights, check_probability
 
-__all__ = ["BOFTLayer", "Conv2d", "Linear", "MultiplicativeDropoutLayer", "valid_boft_block_sizes"]
-
-
-def _fits(features: int, block_size: int, num_factors: int) -> bool:
-    if block_size < 1 or features % block_size:
-        return False
-    return num_factors == 1 or (block_size % 2 == 0 and features % (block_size * 2 ** (num_factors - 1)) == 0)
-
-
-def valid_boft_block_sizes(features: int, num_factors: int) -> list[int]:
-    """Block sizes that work for ``features`` and ``num_factors`` butterfly factors."""
-    return [b for b in range(2 if num_factors > 1 else 1, features + 1) if _fits(features, b, num_factors)]
-
-
-def _max_factors(features: int, block_size: int) -> int:
-    factors = 1
-    while _fits(features, block_size, factors + 1):
-        factors += 1
-    return factors
+__all__ = ["BOFTLayer", "Conv2d", "Linear", "MultiplicativeDropoutLayer", "layer_class"]
 
 
 class _Permutations(nn.Module):
     """Index vectors of one adapter's butterfly permutations, moved with the layer but never saved."""
+
+    index: torch.Tensor
 
     def __init__(self, index: torch.Tensor) -> None:
         super().__init__()
@@ -78,9 +64,17 @@ class BOFTLayer(AdapterLayer):
         "boft_dropout",
         "boft_permutations",
     )
+    constructor_arguments: tuple[str, ...] = (
+        "boft_block_size",
+        "boft_block_num",
+        "boft_n_butterfly_factor",
+        "boft_dropout",
+        "fan_in_fan_out",
+        "init_weights",
+        "is_target_conv_1d_layer",
+    )
 
-    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        super().__init__(base_layer)
+    def _create_adapter_holders(self) -> None:
         if self.kind is LayerKind.EMBEDDING:
             raise TypeError("BOFT does not support nn.Embedding (neither does peft); use OFT for embeddings")
         self.boft_R = nn.ParameterDict()
@@ -90,40 +84,6 @@ class BOFTLayer(AdapterLayer):
         self.boft_block_size: dict[str, int] = {}
         self.boft_block_num: dict[str, int] = {}
         self.boft_n_butterfly_factor: dict[str, int] = {}
-        self.kwargs = kwargs
-
-    def _resolve_blocks(self, block_size: int, block_num: int, num_factors: int) -> tuple[int, int]:
-        features = self.rotated_features
-        for argument, value in (("boft_block_size", block_size), ("boft_block_num", block_num)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{argument}={value!r} must be a non-negative integer; set it to 0 to derive it")
-        if block_size == 0 and block_num == 0:
-            raise ValueError("boft_block_size=0 and boft_block_num=0: set exactly one of them, e.g. boft_block_size=8")
-        if block_size and block_num and block_size * block_num != features:
-            raise ValueError(
-                f"boft_block_size={block_size} and boft_block_num={block_num} give {block_size * block_num} features "
-                f"but the layer has {features}; set one of them to 0 so the other decides"
-            )
-        argument, value = ("boft_block_size", block_size) if block_size else ("boft_block_num", block_num)
-        if features % value == 0:
-            block_size = block_size or features // block_num
-            if _fits(features, block_size, num_factors):
-                return block_size, features // block_size
-        sizes = valid_boft_block_sizes(features, num_factors)
-        if argument == "boft_block_num":
-            hint = f"boft_block_num in {[features // b for b in sizes][::-1][:12]}"
-        else:
-            hint = f"boft_block_size in {sizes[:12]}"
-        at_most = (
-            ""
-            if features % value
-            else (f" (with this block size at most boft_n_butterfly_factor={_max_factors(features, block_size)})")
-        )
-        raise ValueError(
-            f"{argument}={value} does not fit {features} features with boft_n_butterfly_factor={num_factors}: "
-            f"each factor needs an even block size and features divisible by block_size·2^(factors-1); "
-            f"use {hint}{at_most}"
-        )
 
     def update_layer(
         self,
@@ -144,9 +104,9 @@ class BOFTLayer(AdapterLayer):
                 f"boft_n_butterfly_factor={boft_n_butterfly_factor!r} must be a number of factors ≥ 1 (0 means 1)"
             )
         check_init_weights(init_weights)
-        _check_dropout("boft_dropout", boft_dropout)
+        check_probability("boft_dropout", boft_dropout)
         num_factors = max(1, boft_n_butterfly_factor)
-        block_size, block_num = self._resolve_blocks(boft_block_size, boft_block_num, num_factors)
+        block_size, block_num = resolve_boft_blocks(self.rotated_features, boft_block_size, boft_block_num, num_factors)
         device = self._adapter_device()
         scale_shape = (1, self.out_features) if self.kind is LayerKind.CONV2D else (self.out_features, 1)
         self.boft_R[adapter_name] = nn.Parameter(
@@ -180,7 +140,9 @@ class BOFTLayer(AdapterLayer):
         return self.boft_dropout[adapter_name](self.rotation_blocks(adapter_name))
 
     def _permutation_index(self, adapter_name: str) -> torch.Tensor:
-        return self.boft_permutations[adapter_name].index
+        permutations = self.boft_permutations[adapter_name]
+        assert isinstance(permutations, _Permutations)
+        return permutations.index
 
     def _output_scale(self, adapter_name: str) -> torch.Tensor:
         """``(out, 1)`` scale, whatever the stored layout."""
@@ -191,6 +153,9 @@ class BOFTLayer(AdapterLayer):
         """``(M, s)``: the dense ``(d, d)`` rotation (``x ↦ x M``) and the ``(out, 1)`` output scale."""
         rotation = butterfly_dense(self.rotation_blocks(adapter_name), self._permutation_index(adapter_name))
         return rotation, self._output_scale(adapter_name)
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {"boft_R": self.boft_R[adapter_name], "boft_s": self.boft_s[adapter_name]}
 
     def _merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         blocks = self.rotation_blocks(adapter_name)
@@ -207,38 +172,7 @@ class BOFTLayer(AdapterLayer):
         return "boft." + super().__repr__()
 
 
-class _BOFTConstructor(BOFTLayer):
-    """The spec's constructor, shared by the BOFT layer classes."""
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        boft_block_size: int = 8,
-        boft_block_num: int = 0,
-        boft_n_butterfly_factor: int = 0,
-        boft_dropout: float = 0.1,
-        fan_in_fan_out: bool = False,
-        init_weights: bool = True,
-        is_target_conv_1d_layer: bool = False,
-        inference_mode: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(base_layer, **kwargs)
-        self.fan_in_fan_out = _checked_fan_in_fan_out(self.kind, fan_in_fan_out)
-        self.is_target_conv_1d_layer = is_target_conv_1d_layer
-        self.update_layer(
-            adapter_name,
-            boft_block_size=boft_block_size,
-            boft_block_num=boft_block_num,
-            boft_n_butterfly_factor=boft_n_butterfly_factor,
-            boft_dropout=boft_dropout,
-            init_weights=init_weights,
-            inference_mode=inference_mode,
-        )
-
-
-class Linear(_BOFTConstructor):
+class Linear(BOFTLayer):
     """BOFT on ``nn.Linear``, transformers' ``Conv1D`` or any layer with ``in_features``/``out_features``.
 
     Shapes:
@@ -264,7 +198,7 @@ class Linear(_BOFTConstructor):
         return torch.addcmul(bias - bias * scale, result, scale)
 
 
-class Conv2d(_BOFTConstructor):
+class Conv2d(BOFTLayer):
     """BOFT on ``nn.Conv2d`` (``groups=1``), rotating the ``in_channels·kh·kw`` features of every patch.
 
     Like :class:`orthotune.oft.Conv2d`, forward rotates and scales the weight (factor by factor, no dense
@@ -276,10 +210,20 @@ class Conv2d(_BOFTConstructor):
     """
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        base = self.base_layer
+        base: Any = self.base_layer
         weight = weight_matrix(base, self.kind)
         for name in active:  # merge order: the first active adapter is applied to W first
             blocks = self._forward_blocks(name).to(weight.dtype)
             weight = butterfly_rotate_weight(weight, blocks, self._permutation_index(name))
             weight = weight * self._output_scale(name).to(weight.dtype)
         return base._conv_forward(x, weight.reshape(base.weight.shape), base.bias)
+
+
+def layer_class(kind: LayerKind) -> type[BOFTLayer]:
+    """The BOFT layer class for a base layer of ``kind``; embeddings are refused, as in peft."""
+    if kind is LayerKind.EMBEDDING:
+        raise TypeError(
+            "BOFT cannot adapt an embedding (neither can peft); use OFTConfig for embeddings, or leave it out of "
+            "target_modules"
+        )
+    return Conv2d if kind is LayerKind.CONV2D else Linear

@@ -23,24 +23,25 @@ a rotation of the outputs) are refused.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 import re
-import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from orthotune.adapter_layer import AdapterLayer
+from orthotune.atomic_write import write_bytes, write_files_atomically
 from orthotune.base_layer import LayerKind
-from orthotune.boft import BOFTLayer
 from orthotune.config import CONFIG_NAME, AdapterConfig, BOFTConfig, OFTConfig, read_config_file
-from orthotune.oft import OFTLayer
+from orthotune.modules_to_save import ModulesToSaveWrapper
+from orthotune.targeting import module_name
 
 logger = logging.getLogger(__name__)
 
@@ -57,45 +58,6 @@ class AdapterFileError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (same-directory temporary file, fsync, ``os.replace``)."""
-    temporary = _temporary_path(path)
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        _publish(temporary, path)
-    except BaseException:
-        _remove_quietly(temporary)
-        raise
-
-
-def _temporary_path(path: str | os.PathLike[str]) -> str:
-    directory, name = os.path.split(os.fspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory or ".")
-    os.close(handle)
-    return temporary
-
-
-def _publish(temporary: str, path: str | os.PathLike[str]) -> None:
-    """Move a finished temporary file over ``path``, with the permissions any new file would get.
-
-    mkstemp (and safetensors' own writer) make files private (0600); an adapter is meant to be shared.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)
-    os.replace(temporary, path)
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
 def save_adapter_files(
     directory: str | os.PathLike[str], config: AdapterConfig, tensors: Mapping[str, torch.Tensor]
 ) -> None:
@@ -110,20 +72,12 @@ def save_adapter_files(
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     config_path = os.path.join(directory, CONFIG_NAME)
     to_save = {key: _clone_for_file(tensor) for key, tensor in to_peft_convention(config, tensors).items()}
-    weights_temporary = _temporary_path(weights_path)
-    config_temporary = _temporary_path(config_path)
-    try:
-        save_file(to_save, weights_temporary, metadata={"format": "pt"})
-        with open(config_temporary, "wb") as handle:
-            handle.write(config.to_json_string().encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-        _publish(weights_temporary, weights_path)
-        _publish(config_temporary, config_path)
-    except BaseException:
-        _remove_quietly(weights_temporary)
-        _remove_quietly(config_temporary)
-        raise
+    write_files_atomically(
+        {
+            weights_path: lambda path: save_file(to_save, path, metadata={"format": "pt"}),
+            config_path: lambda path: write_bytes(path, config.to_json_string().encode()),
+        }
+    )
 
 
 def _clone_for_file(tensor: torch.Tensor) -> torch.Tensor:
@@ -245,12 +199,7 @@ def _peft_neumann_terms(raw: dict[str, Any], source: str) -> dict[str, Any]:
 def layer_tensors(module_name: str, layer: AdapterLayer, adapter_name: str) -> dict[str, torch.Tensor]:
     """File keys of one adapter in one adapted layer, to its parameters."""
     prefix = f"{MODEL_PREFIX}{module_name}."
-    if isinstance(layer, OFTLayer):
-        key = "oft_embedding_R" if layer.kind is LayerKind.EMBEDDING else "oft_R"
-        return {f"{prefix}{key}.weight": layer.oft_R[adapter_name].weight}
-    if isinstance(layer, BOFTLayer):
-        return {f"{prefix}boft_R": layer.boft_R[adapter_name], f"{prefix}boft_s": layer.boft_s[adapter_name]}
-    raise TypeError(f"{type(layer).__name__} at {module_name!r} is not an OFT or BOFT layer")
+    return {f"{prefix}{key}": tensor for key, tensor in layer.adapter_tensors(adapter_name).items()}
 
 
 def module_tensors(module_name: str, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -366,3 +315,148 @@ def convert_legacy_oft(file: AdapterFile, layers: Mapping[str, AdapterLayer]) ->
     file.tensors.update(converted)
     file.legacy_oft = None
     logger.info("converted the peft ≤ 0.15 OFT adapter in %s into an exact one-factor BOFT adapter", file.source)
+
+
+# ------------------------------------------------------------------------------------ a model's adapter files
+#: Embedding layers whose base weights peft saves with an adapter that targets them by name.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+class AdaptedModel(Protocol):
+    """What the file functions need of a model with adapters (:class:`orthotune.OrthoModel` is one)."""
+
+    peft_config: dict[str, AdapterConfig]
+
+    def get_base_model(self) -> nn.Module: ...
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]: ...
+
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]: ...
+
+    def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]: ...
+
+    def trained_biases(self, bias: str, adapter_name: str) -> dict[str, torch.Tensor]: ...
+
+
+def save_model_adapters(
+    model: AdaptedModel,
+    save_directory: str | os.PathLike[str],
+    safe_serialization: bool = True,
+    selected_adapters: Sequence[str] | None = None,
+    save_embedding_layers: bool | str = "auto",
+    is_main_process: bool = True,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """:meth:`orthotune.OrthoModel.save_pretrained`: each adapter as peft writes it, ``default`` into ``save_directory``
+    and the others into subdirectories named after them."""
+    if not safe_serialization:
+        raise ValueError("safe_serialization=False would write a pickle; orthotune writes safetensors only")
+    if os.path.isfile(save_directory):
+        raise ValueError(f"save_directory={os.fspath(save_directory)!r} is a file; pass a directory")
+    names = list(model.peft_config) if selected_adapters is None else list(selected_adapters)
+    unknown = [name for name in names if name not in model.peft_config]
+    if unknown:
+        raise ValueError(f"selected_adapters={unknown}: this model has adapters {list(model.peft_config)}")
+    own_keys = {id(value): key for key, value in model.state_dict(keep_vars=True).items()} if state_dict else {}
+    files = {}
+    for name in names:
+        tensors = adapter_file_tensors(model, name, save_embedding_layers)
+        if state_dict is not None:
+            tensors = {key: state_dict.get(own_keys.get(id(value), ""), value) for key, value in tensors.items()}
+        _refuse_partitioned(tensors)  # on every process, so that all of them stop, not only the writer
+        files[name] = tensors
+    if not is_main_process:
+        return
+    for name, tensors in files.items():
+        directory = save_directory if name == "default" else os.path.join(save_directory, name)
+        save_adapter_files(directory, config_for_file(model, name), tensors)
+
+
+def _refuse_partitioned(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse to write DeepSpeed ZeRO-3 placeholders (empty tensors standing for partitioned parameters)."""
+    empty = [key for key, value in tensors.items() if hasattr(value, "ds_id") and value.numel() == 0]
+    if empty:
+        raise ValueError(
+            f"cannot save {empty[0]!r} (and {len(empty) - 1} more): DeepSpeed ZeRO-3 has partitioned it and this "
+            "process holds an empty placeholder; gather the adapter first, on every rank: "
+            "`with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]): "
+            "model.save_pretrained(path, is_main_process=rank == 0)`"
+        )
+
+
+def adapter_file_tensors(
+    model: AdaptedModel, adapter_name: str, save_embedding_layers: bool | str
+) -> dict[str, torch.Tensor]:
+    """File keys of one adapter: its own tensors, the biases it trains, and embeddings as asked."""
+    config = model.peft_config[adapter_name]
+    tensors = own_file_tensors(model, adapter_name)
+    for name, bias in model.trained_biases(config.bias, adapter_name).items():
+        tensors[f"{MODEL_PREFIX}{name}"] = bias
+    # peft's rule: with an embedding named in target_modules, "auto" saves the base weights of the targeted
+    # embedding layers; asked explicitly otherwise, it saves the input and output embeddings whole.
+    targeted = isinstance(config.target_modules, list) and any(
+        name in config.target_modules for name in EMBEDDING_LAYER_NAMES
+    )
+    if save_embedding_layers is True or (save_embedding_layers == "auto" and targeted):
+        for name, module in embedding_modules(model.get_base_model()).items():
+            if isinstance(module, AdapterLayer):
+                tensors.update(module_tensors(f"{name}.base_layer", module.get_base_layer()))
+            elif not targeted:
+                tensors.update(module_tensors(name, module))
+    return tensors
+
+
+def own_file_tensors(model: AdaptedModel, adapter_name: str) -> dict[str, torch.Tensor]:
+    """File keys of what only the adapter holds: its layers' tensors and its ``modules_to_save`` copies."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in model.adapter_layers():
+        if adapter_name in layer.adapter_names:
+            tensors.update(layer_tensors(name, layer, adapter_name))
+    for name, wrapper in model.modules_to_save_wrappers():
+        if adapter_name in wrapper.modules_to_save:
+            tensors.update(module_tensors(name, wrapper.modules_to_save[adapter_name]))
+    return tensors
+
+
+def optional_file_tensors(
+    model: AdaptedModel, layers: Mapping[str, AdapterLayer], config: AdapterConfig
+) -> dict[str, torch.Tensor]:
+    """Base-model tensors a file for ``layers`` may carry besides the adapter's own: biases, embedding weights."""
+    optional: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        optional.update(module_tensors(f"{name}.base_layer", layer.get_base_layer()))
+    for name, module in embedding_modules(model.get_base_model()).items():
+        optional.update(module_tensors(name, module))
+    if config.bias == "all":
+        for name, parameter in model.get_base_model().named_parameters():
+            if name.rpartition(".")[2] == "bias":
+                optional[f"{MODEL_PREFIX}{name}"] = parameter
+    return optional
+
+
+def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The input and output embedding modules of a transformers model by name (none for other models)."""
+    found: dict[str, nn.Module] = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        method = getattr(model, getter, None)
+        module = method() if callable(method) else None
+        name = module_name(model, module)
+        if name and isinstance(module, nn.Module):
+            found[name] = module
+    return found
+
+
+def config_for_file(model: AdaptedModel, adapter_name: str) -> AdapterConfig:
+    """The adapter's config as written: frozen, with the base model's name and, without a task, its class."""
+    config = copy.deepcopy(model.peft_config[adapter_name])
+    base = model.get_base_model()
+    config.inference_mode = True
+    if config.base_model_name_or_path is None:
+        # transformers models carry name_or_path; diffusers models keep it in their config (peft writes null).
+        model_config = getattr(base, "config", None)
+        name = getattr(base, "name_or_path", None) or getattr(model_config, "_name_or_path", None)
+        name = os.fspath(name) if isinstance(name, os.PathLike) else name
+        config.base_model_name_or_path = name if isinstance(name, str) and name else None
+    if config.task_type is None:
+        config.auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+    return config

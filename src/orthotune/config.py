@@ -17,13 +17,26 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import logging
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-logger = logging.getLogger(__name__)
+from orthotune.atomic_write import write_atomic
+from orthotune.validation import (
+    check_bias,
+    check_bool,
+    check_coft_eps,
+    check_exactly_one,
+    check_init_weights,
+    check_int,
+    check_peft_neumann_terms,
+    check_probability,
+)
+
+if TYPE_CHECKING:
+    from orthotune.adapter_layer import AdapterLayer
+    from orthotune.base_layer import LayerKind
 
 #: The peft release whose adapter files orthotune reads and writes; written as ``peft_version``.
 PEFT_FORMAT_VERSION = "0.21.2"
@@ -46,42 +59,23 @@ def _names(value: Any, argument: str) -> list[str] | str | None:
     return list(dict.fromkeys(value))
 
 
-def _check_int(argument: str, value: Any, minimum: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{argument}={value!r} must be an integer ≥ {minimum}")
-
-
-def _check_probability(argument: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
-        raise ValueError(f"{argument}={value!r} is not a probability in [0, 1); use e.g. 0.0 (off) or 0.1")
-
-
-def _check_bool(argument: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{argument}={value!r} must be True or False")
-
-
-def _check_exactly_one(count: tuple[str, int], size: tuple[str, int], example: str) -> None:
-    """A number of blocks and a block size whose product is the layer width: exactly one may be set."""
-    for argument, value in (count, size):
-        _check_int(argument, value)
-    (count_name, count_value), (size_name, size_value) = count, size
-    if not count_value and not size_value:
-        raise ValueError(f"{count_name}=0 and {size_name}=0: set one of them, e.g. {example}")
-    if count_value and size_value:
-        raise ValueError(
-            f"{count_name}={count_value} and {size_name}={size_value}: set only one, since their product is the "
-            f"layer width; e.g. {example}"
-        )
-
-
 @dataclass
 class AdapterConfig:
     """Fields every adapter config shares with peft's ``PeftConfig`` (see :class:`OFTConfig` for their meaning)."""
 
+    #: The method's name in peft's files (``"OFT"``); a subclass with one is registered for :meth:`from_dict`.
     PEFT_TYPE: ClassVar[str] = ""
     #: The method's own ``bias`` choice besides ``"none"`` and ``"all"`` (``"oft_only"``, ``"boft_only"``).
     _BIAS_ONLY: ClassVar[str] = ""
+    #: peft's ``prefix`` of the method's parameter names (``"oft_"``).
+    prefix: ClassVar[str] = ""
+    #: Every method's config class by ``PEFT_TYPE``, filled in as the classes are defined.
+    _registry: ClassVar[dict[str, type[AdapterConfig]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.PEFT_TYPE:
+            AdapterConfig._registry[cls.PEFT_TYPE] = cls
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -118,10 +112,10 @@ class AdapterConfig:
         if layers is not None:
             if isinstance(layers, (list, tuple)):
                 for index in layers:
-                    _check_int("layers_to_transform", index)
+                    check_int("layers_to_transform", index)
                 self.layers_to_transform = list(layers)
             else:
-                _check_int("layers_to_transform", layers)
+                check_int("layers_to_transform", layers)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(
                 f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (the layer indices to adapt)"
@@ -132,15 +126,21 @@ class AdapterConfig:
                 "peft); put the layer indices into the regex, or give target_modules as a list of names",
                 stacklevel=3,
             )
-        allowed_bias = ("none", "all", self._BIAS_ONLY)
-        if self.bias not in allowed_bias:
-            raise ValueError(f"bias={self.bias!r} must be one of {list(allowed_bias)}")
+        check_bias(self.bias, self._BIAS_ONLY)
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type={self.task_type!r} must be None or one of {list(TASK_TYPES)}")
-        if self.init_weights not in (True, False):
-            raise ValueError(f"init_weights={self.init_weights!r} must be True (identity) or False (random)")
-        _check_bool("fan_in_fan_out", self.fan_in_fan_out)
-        _check_bool("inference_mode", self.inference_mode)
+        check_init_weights(self.init_weights)
+        check_bool("fan_in_fan_out", self.fan_in_fan_out)
+        check_bool("inference_mode", self.inference_mode)
+
+    # -------------------------------------------------------------------------------------------- method
+    def layer_kwargs(self) -> dict[str, Any]:
+        """The arguments of the method's ``update_layer`` that this config decides."""
+        raise NotImplementedError
+
+    def layer_class(self, kind: LayerKind) -> type[AdapterLayer]:
+        """The method's layer class for a base layer of ``kind`` (a ``TypeError`` where it has none)."""
+        raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------------- dict
     def to_dict(self) -> dict[str, Any]:
@@ -162,10 +162,10 @@ class AdapterConfig:
         if not isinstance(data, dict):
             raise ValueError(f"an adapter config must be a JSON object, not {type(data).__name__}")
         peft_type = data.get("peft_type", cls.PEFT_TYPE or None)
-        config_classes = {config_class.PEFT_TYPE: config_class for config_class in (OFTConfig, BOFTConfig)}
+        config_classes = AdapterConfig._registry
         if peft_type not in config_classes:
             raise ValueError(
-                f"peft_type={peft_type!r}: orthotune reads OFT and BOFT adapters only; "
+                f"peft_type={peft_type!r}: orthotune reads {' and '.join(config_classes)} adapters only; "
                 + ("this is another kind of peft adapter, load it with peft" if peft_type else "the key is missing")
             )
         config_class = config_classes[peft_type]
@@ -188,8 +188,6 @@ class AdapterConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
         """Write ``adapter_config.json`` into ``save_directory`` (atomically: a crash keeps the old file)."""
-        from orthotune.checkpoint import write_atomic
-
         os.makedirs(save_directory, exist_ok=True)
         write_atomic(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode())
 
@@ -223,7 +221,8 @@ class OFTConfig(AdapterConfig):
         coft: constrained OFT: keep each generator within ``eps`` of zero (``eps/√r`` for ``r`` blocks).
         eps: the COFT radius.
         block_share: one block shared along the whole width.
-        use_cayley_neumann: Cayley-Neumann series instead of the exact Cayley transform (same rotation).
+        use_cayley_neumann: Cayley-Neumann series instead of the exact Cayley transform: a truncation that
+            tends to the same rotation as terms are added (off from it by ``‖Q‖₂^(n-1)``).
         num_cayley_neumann_terms: terms of that series (at least 4: peft's series with fewer terms is a
             different polynomial).
         target_modules: module names (a module is adapted when its full name equals or ends with ``.name``), one
@@ -242,6 +241,7 @@ class OFTConfig(AdapterConfig):
 
     PEFT_TYPE: ClassVar[str] = "OFT"
     _BIAS_ONLY: ClassVar[str] = "oft_only"
+    prefix: ClassVar[str] = "oft_"
 
     r: int = 0
     oft_block_size: int | None = None
@@ -256,20 +256,34 @@ class OFTConfig(AdapterConfig):
         super().__post_init__()
         if self.oft_block_size is None:
             self.oft_block_size = 32 if self.r == 0 else 0
-        _check_exactly_one(("r", self.r), ("oft_block_size", self.oft_block_size), "r=8 or oft_block_size=32")
-        _check_probability("module_dropout", self.module_dropout)
-        _check_bool("coft", self.coft)
-        _check_bool("block_share", self.block_share)
-        _check_bool("use_cayley_neumann", self.use_cayley_neumann)
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise ValueError(f"eps={self.eps!r} must be a positive number (the COFT radius); peft's default is 6e-5")
-        _check_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms)
-        if self.use_cayley_neumann and self.num_cayley_neumann_terms < 4:
-            raise ValueError(
-                f"num_cayley_neumann_terms={self.num_cayley_neumann_terms} is too few: with fewer than 4 terms peft's "
-                "series is another polynomial than the Cayley-Neumann truncation, so the adapter file would mean "
-                "different rotations in the two libraries; use 5 (the default) or use_cayley_neumann=False"
-            )
+        check_exactly_one(("r", self.r), ("oft_block_size", self.oft_block_size), "r=8 or oft_block_size=32")
+        check_probability("module_dropout", self.module_dropout)
+        check_bool("coft", self.coft)
+        check_bool("block_share", self.block_share)
+        check_bool("use_cayley_neumann", self.use_cayley_neumann)
+        check_coft_eps(self.eps)
+        check_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms)
+        if self.use_cayley_neumann:
+            check_peft_neumann_terms(self.num_cayley_neumann_terms)
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        return {
+            "r": self.r,
+            "oft_block_size": self.oft_block_size,
+            "module_dropout": self.module_dropout,
+            "coft": self.coft,
+            "eps": self.eps,
+            "block_share": self.block_share,
+            "init_weights": self.init_weights,
+            "use_cayley_neumann": self.use_cayley_neumann,
+            "num_cayley_neumann_terms": self.num_cayley_neumann_terms,
+            "inference_mode": self.inference_mode,
+        }
+
+    def layer_class(self, kind: LayerKind) -> type[AdapterLayer]:
+        from orthotune.oft import layer_class
+
+        return layer_class(kind)
 
 
 @dataclass
@@ -290,6 +304,7 @@ class BOFTConfig(AdapterConfig):
 
     PEFT_TYPE: ClassVar[str] = "BOFT"
     _BIAS_ONLY: ClassVar[str] = "boft_only"
+    prefix: ClassVar[str] = "boft_"
 
     boft_block_size: int = 4
     boft_block_num: int = 0
@@ -298,8 +313,40 @@ class BOFTConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_exactly_one(
+        check_exactly_one(
             ("boft_block_num", self.boft_block_num), ("boft_block_size", self.boft_block_size), "boft_block_size=4"
         )
-        _check_int("boft_n_butterfly_factor", self.boft_n_butterfly_factor, minimum=1)
-        _check_probability("boft_dropout", self.boft_dropout)
+        check_int("boft_n_butterfly_factor", self.boft_n_butterfly_factor, minimum=1)
+        check_probability("boft_dropout", self.boft_dropout)
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        return {
+            "boft_block_size": self.boft_block_size,
+            "boft_block_num": self.boft_block_num,
+            "boft_n_butterfly_factor": self.boft_n_butterfly_factor,
+            "boft_dropout": self.boft_dropout,
+            "init_weights": self.init_weights,
+            "inference_mode": self.inference_mode,
+        }
+
+    def layer_class(self, kind: LayerKind) -> type[AdapterLayer]:
+        from orthotune.boft import layer_class
+
+        return layer_class(kind)
+
+
+def as_orthotune_config(config: Any) -> AdapterConfig:
+    """An orthotune config, also from a peft ``OFTConfig``/``BOFTConfig`` (through its dict)."""
+    if isinstance(config, AdapterConfig):
+        return config
+    peft_type = getattr(config, "peft_type", None)
+    peft_type = getattr(peft_type, "value", peft_type)  # peft's PeftType enum
+    if peft_type in AdapterConfig._registry and callable(getattr(config, "to_dict", None)):
+        data = {
+            key: sorted(value) if isinstance(value, set) else getattr(value, "value", value)  # peft's enums
+            for key, value in config.to_dict().items()
+        }
+        return AdapterConfig.from_dict(data)
+    raise TypeError(
+        f"expected an orthotune config ({', '.join(sorted(AdapterConfig._registry))}), got {type(config).__name__}"
+    )

@@ -49,7 +49,8 @@ class ModulesToSaveWrapper(nn.Module):
             module.requires_grad_(name == self.active_adapter and not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.modules_to_save.pop(adapter_name, None)
+        if adapter_name in self.modules_to_save:  # nn.ModuleDict.pop takes no default
+            del self.modules_to_save[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = None
 

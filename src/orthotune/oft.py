@@ -14,15 +14,15 @@ applied, COFT does not write into parameters during forward, and Conv2d's forwar
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from orthotune.adapter_layer import AdapterLayer, check_init_weights
+from orthotune.adapter_layer import AdapterLayer
 from orthotune.base_layer import LayerKind, weight_matrix
+from orthotune.blocks import nearest_divisor, resolve_oft_blocks
 from orthotune.functional import (
     NEUMANN_WARN_NORM,
     block_diagonal,
@@ -37,8 +37,18 @@ from orthotune.functional import (
     skew_from_packed,
     unrotate_weight,
 )
+from orthotune.functional.cayley import check_neumann_terms
+from orthotune.validation import check_coft_eps, check_init_weights, check_probability
 
-logger = logging.getLogger(__name__)
+__all__ = [
+    "Conv2d",
+    "Embedding",
+    "Linear",
+    "MultiplicativeDropoutLayer",
+    "OFTLayer",
+    "OFTRotationModule",
+    "layer_class",
+]
 
 #: How often (in calls) a Neumann-mode rotation checks how close it is to divergence; the check syncs a GPU.
 _NEUMANN_CHECK_EVERY = 32
@@ -57,7 +67,7 @@ class MultiplicativeDropoutLayer(nn.Module):
 
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
-        _check_dropout("module_dropout", p)
+        check_probability("module_dropout", p)
         self.p = p
 
     def forward(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -69,11 +79,6 @@ class MultiplicativeDropoutLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
-
-
-def _check_dropout(argument: str, p: float) -> None:
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"{argument}={p} is not a probability in [0, 1); use e.g. 0.0 (off) or 0.1")
 
 
 class OFTRotationModule(nn.Module):
@@ -177,64 +182,34 @@ class OFTRotationModule(nn.Module):
         )
 
 
-def nearest_divisor(features: int, value: int) -> int:
-    """The divisor of ``features`` closest to ``value``, the lower one on a tie (peft's rule)."""
-    if value >= features:
-        return features
-    divisors = [k for k in range(1, features + 1) if features % k == 0]
-    return min(divisors, key=lambda k: (abs(k - value), k))
-
-
-def _divisors_near(features: int, value: int, count: int = 4) -> list[int]:
-    divisors = [k for k in range(1, features + 1) if features % k == 0]
-    return sorted(sorted(divisors, key=lambda k: (abs(k - value), k))[:count])
-
-
 class OFTLayer(AdapterLayer):
     """Shared OFT bookkeeping; use :class:`Linear`, :class:`Conv2d` or :class:`Embedding`."""
 
     adapter_layer_names: tuple[str, ...] = ("oft_R",)
     other_param_names: tuple[str, ...] = ("r", "oft_block_size", "oft_dropout")
+    constructor_arguments: tuple[str, ...] = (
+        "r",
+        "oft_block_size",
+        "module_dropout",
+        "coft",
+        "eps",
+        "block_share",
+        "use_cayley_neumann",
+        "num_cayley_neumann_terms",
+        "init_weights",
+        "fan_in_fan_out",
+        "is_target_conv_1d_layer",
+    )
 
-    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        super().__init__(base_layer)
+    def _create_adapter_holders(self) -> None:
         self.oft_R = nn.ModuleDict()
         self.oft_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.oft_block_size: dict[str, int] = {}
-        self.kwargs = kwargs
 
     def adjust_oft_parameters(self, in_features: int, params: int) -> int:
         """The divisor of ``in_features`` nearest to ``params``, ties going lower (peft's rule)."""
         return nearest_divisor(in_features, params)
-
-    def _resolve_blocks(self, r: int, oft_block_size: int) -> tuple[int, int]:
-        features = self.rotated_features
-        for argument, value in (("r", r), ("oft_block_size", oft_block_size)):
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{argument}={value!r} must be a non-negative integer; set it to 0 to derive it")
-        if r == 0 and oft_block_size == 0:
-            raise ValueError(
-                f"r=0 and oft_block_size=0: set exactly one of them (the number of blocks or their size), "
-                f"e.g. oft_block_size={nearest_divisor(features, 32)} for {features} features"
-            )
-        if r and oft_block_size:
-            if r * oft_block_size != features:
-                raise ValueError(
-                    f"r={r} and oft_block_size={oft_block_size} give {r * oft_block_size} features but the layer "
-                    f"has {features}; set one of them to 0 so the other decides"
-                )
-            return r, oft_block_size
-        argument, value = ("r", r) if r else ("oft_block_size", oft_block_size)
-        if features % value:
-            adjusted = self.adjust_oft_parameters(features, value)
-            warnings.warn(
-                f"{argument}={value} does not divide the layer's {features} features; adjusted {argument} to "
-                f"{adjusted} (nearby divisors: {_divisors_near(features, value)})",
-                stacklevel=4,
-            )
-            value = adjusted
-        return (value, features // value) if r else (features // value, value)
 
     def update_layer(
         self,
@@ -255,14 +230,12 @@ class OFTLayer(AdapterLayer):
         if kwargs:
             raise TypeError(f"unexpected OFT arguments {sorted(kwargs)}; see orthotune.oft.OFTLayer.update_layer")
         check_init_weights(init_weights)
-        _check_dropout("module_dropout", module_dropout)
-        if use_cayley_neumann and num_cayley_neumann_terms < 2:
-            raise ValueError(
-                f"num_cayley_neumann_terms={num_cayley_neumann_terms} is too few: the series needs at least 2; use 5"
-            )
-        if coft and not eps > 0:
-            raise ValueError(f"eps={eps} must be positive with coft=True; peft's default is 6e-5")
-        r, block_size = self._resolve_blocks(r, oft_block_size)
+        check_probability("module_dropout", module_dropout)
+        if use_cayley_neumann:
+            check_neumann_terms(num_cayley_neumann_terms)
+        if coft:
+            check_coft_eps(eps)
+        r, block_size = resolve_oft_blocks(self.rotated_features, r, oft_block_size, stacklevel=3)
         rotation = OFTRotationModule(
             1 if block_share else r,
             packed_size(block_size),
@@ -281,10 +254,20 @@ class OFTLayer(AdapterLayer):
         self.reset_oft_parameters(adapter_name, init_weights)
         self._register_new_adapter(adapter_name, inference_mode)
 
+    def _rotation(self, adapter_name: str) -> OFTRotationModule:
+        rotation = self.oft_R[adapter_name]
+        assert isinstance(rotation, OFTRotationModule)
+        return rotation
+
+    def _dropout(self, adapter_name: str) -> MultiplicativeDropoutLayer:
+        dropout = self.oft_dropout[adapter_name]
+        assert isinstance(dropout, MultiplicativeDropoutLayer)
+        return dropout
+
     def reset_oft_parameters(self, adapter_name: str, init_weights: bool) -> None:
         """``True``: zeros (the identity rotation). ``False``: small random generators, N(0, 0.1²)."""
         check_init_weights(init_weights)
-        weight = self.oft_R[adapter_name].weight
+        weight = self._rotation(adapter_name).weight
         if init_weights:
             nn.init.zeros_(weight)
         else:
@@ -292,21 +275,25 @@ class OFTLayer(AdapterLayer):
 
     def _rotation_blocks(self, adapter_name: str) -> torch.Tensor:
         """fp32 blocks as forward uses them: dropout applied in training, shared blocks repeated only then."""
-        rotation = self.oft_R[adapter_name]
+        rotation = self._rotation(adapter_name)
         blocks = rotation.rotation_blocks()
-        dropout = self.oft_dropout[adapter_name]
+        dropout = self._dropout(adapter_name)
         if dropout.training and dropout.p > 0:
             blocks = dropout(blocks.expand(rotation.num_blocks, -1, -1))
         return blocks
 
     def _weight_blocks(self, adapter_name: str) -> torch.Tensor:
         """Blocks ``B`` with merged weight ``W Bᵀ``: ``R`` for a layer that reads features, ``Rᵀ`` for an embedding."""
-        blocks = self.oft_R[adapter_name].rotation_blocks()
+        blocks = self._rotation(adapter_name).rotation_blocks()
         return blocks.transpose(-1, -2) if self.rotates_output else blocks
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense ``(d, d)`` rotation ``R`` of one adapter (activations map as ``x ↦ x R``)."""
-        return self.oft_R[adapter_name].get_weight()
+        return self._rotation(adapter_name).get_weight()
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        key = "oft_embedding_R" if self.kind is LayerKind.EMBEDDING else "oft_R"
+        return {f"{key}.weight": self._rotation(adapter_name).weight}
 
     def _merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return rotate_weight(weight, self._weight_blocks(adapter_name))
@@ -318,58 +305,7 @@ class OFTLayer(AdapterLayer):
         return "oft." + super().__repr__()
 
 
-class _OFTConstructor(OFTLayer):
-    """The spec's constructor, shared by every OFT layer class."""
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        r: int = 8,
-        oft_block_size: int = 0,
-        module_dropout: float = 0.0,
-        coft: bool = False,
-        eps: float = 6e-5,
-        block_share: bool = False,
-        use_cayley_neumann: bool = False,
-        num_cayley_neumann_terms: int = 5,
-        init_weights: bool = True,
-        fan_in_fan_out: bool = False,
-        is_target_conv_1d_layer: bool = False,
-        inference_mode: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(base_layer, **kwargs)
-        self.fan_in_fan_out = _checked_fan_in_fan_out(self.kind, fan_in_fan_out)
-        self.is_target_conv_1d_layer = is_target_conv_1d_layer
-        self.update_layer(
-            adapter_name,
-            r=r,
-            oft_block_size=oft_block_size,
-            module_dropout=module_dropout,
-            coft=coft,
-            eps=eps,
-            block_share=block_share,
-            init_weights=init_weights,
-            use_cayley_neumann=use_cayley_neumann,
-            num_cayley_neumann_terms=num_cayley_neumann_terms,
-            inference_mode=inference_mode,
-        )
-
-
-def _checked_fan_in_fan_out(kind: LayerKind, fan_in_fan_out: bool) -> bool:
-    """The layer's true weight layout; a wrong flag is corrected with a warning, as peft does."""
-    actual = kind is LayerKind.CONV1D
-    if fan_in_fan_out != actual:
-        warnings.warn(
-            f"fan_in_fan_out={fan_in_fan_out} does not match the base layer, whose weight is stored as "
-            f"{'(in, out)' if actual else '(out, in)'}; using fan_in_fan_out={actual}",
-            stacklevel=4,
-        )
-    return actual
-
-
-class Linear(_OFTConstructor):
+class Linear(OFTLayer):
     """OFT on ``nn.Linear``, transformers' ``Conv1D`` (``fan_in_fan_out=True``) or any layer with
     ``in_features``/``out_features`` (a quantized linear, say): the input is rotated, the base layer runs
     untouched, and nothing but :meth:`merge` reads its weight.
@@ -384,7 +320,7 @@ class Linear(_OFTConstructor):
         return self._base_forward_on_rotated(x, *args, **kwargs)
 
 
-class Conv2d(_OFTConstructor):
+class Conv2d(OFTLayer):
     """OFT on ``nn.Conv2d`` (``groups=1``): rotates the ``in_channels·kh·kw`` features of every patch.
 
     Forward rotates the weight (``W ↦ W Rᵀ``, ``out·d·b`` multiply-adds, no ``d × d`` matrix) and runs the
@@ -397,14 +333,14 @@ class Conv2d(_OFTConstructor):
     """
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        base = self.base_layer
+        base: Any = self.base_layer
         weight = weight_matrix(base, self.kind)
         for name in active:  # merge order: the first active adapter is applied to W first
             weight = rotate_weight(weight, self._rotation_blocks(name).to(weight.dtype))
         return base._conv_forward(x, weight.reshape(base.weight.shape), base.bias)
 
 
-class Embedding(_OFTConstructor):
+class Embedding(OFTLayer):
     """OFT on ``nn.Embedding``: rotates the ``embedding_dim`` features of each looked-up row (``E ↦ E R``).
 
     peft stores these parameters under ``oft_embedding_R``; the attribute is an alias of ``oft_R`` here.
@@ -422,3 +358,8 @@ class Embedding(_OFTConstructor):
         for name in active:  # the first active adapter sits next to the base layer
             result = rotate_activations(result, self._rotation_blocks(name).to(result.dtype))
         return result
+
+
+def layer_class(kind: LayerKind) -> type[OFTLayer]:
+    """The OFT layer class for a base layer of ``kind``."""
+    return {LayerKind.EMBEDDING: Embedding, LayerKind.CONV2D: Conv2d}.get(kind, Linear)

@@ -17,6 +17,8 @@ first and the odd groups after. ``p_0`` is always the identity.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from orthotune.functional.rotate import rotate_activations
@@ -66,12 +68,12 @@ class _PermuteFeatures(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(index)
         return x.index_select(-1, index)
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (index,) = ctx.saved_tensors
         return grad.index_select(-1, _inverse(index)), None
 

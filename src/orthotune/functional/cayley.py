@@ -26,10 +26,23 @@ Here both modes mean ``R``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 #: The series diverges at ``‖Q‖₂ = 1``; above this bound on ``‖Q‖₂`` we warn.
 NEUMANN_WARN_NORM = 0.9
+#: The fewest terms the Cayley-Neumann series can have: ``I + Q``.
+MIN_NEUMANN_TERMS = 2
+
+
+def check_neumann_terms(num_terms: int) -> None:
+    """The series needs at least :data:`MIN_NEUMANN_TERMS` terms; a ``ValueError`` that says so otherwise."""
+    if isinstance(num_terms, bool) or not isinstance(num_terms, int) or num_terms < MIN_NEUMANN_TERMS:
+        raise ValueError(
+            f"num_cayley_neumann_terms={num_terms!r} is too few: the series needs at least {MIN_NEUMANN_TERMS} "
+            "terms (I + Q); use 5"
+        )
 
 
 def _identity_like(q: torch.Tensor) -> torch.Tensor:
@@ -50,7 +63,7 @@ class _CayleyExact(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor) -> torch.Tensor:
         work = q.to(_solve_dtype(q))
         eye = _identity_like(work)
         # (I + Q)(I - Q)⁻¹ = (I - Q)⁻¹(I + Q): a left solve, the form LAPACK handles best.
@@ -59,7 +72,7 @@ class _CayleyExact(torch.autograd.Function):
         return rotation
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         (rotation,) = ctx.saved_tensors
         inverse_t = ((rotation + _identity_like(rotation)) * 0.5).transpose(-1, -2)  # ((I - Q)⁻¹)ᵀ
         return 2.0 * inverse_t @ grad @ inverse_t
@@ -91,7 +104,7 @@ class _CayleyNeumann(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, q: torch.Tensor, num_terms: int) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, num_terms: int) -> torch.Tensor:
         ctx.save_for_backward(q)
         ctx.num_terms = num_terms
         series = _identity_like(q)  # Σ_{k=0}^{N} Qᵏ, built term by term
@@ -102,7 +115,7 @@ class _CayleyNeumann(torch.autograd.Function):
         return series + q @ series  # (I + Q) · series
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (q,) = ctx.saved_tensors
         highest = ctx.num_terms - 2  # N
         q_t = q.transpose(-1, -2)
@@ -134,10 +147,7 @@ def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:
     Returns:
         ``(..., b, b)``, orthogonal up to ``2‖Q‖₂^{n-1}``. Differentiable once; backward keeps only ``Q``.
     """
-    if num_terms < 2:
-        raise ValueError(
-            f"num_cayley_neumann_terms={num_terms} is too few: the series needs at least 2 terms (I + Q); use 5"
-        )
+    check_neumann_terms(num_terms)
     return _CayleyNeumann.apply(q, num_terms)
 
 

@@ -11,6 +11,8 @@ weight-centric form ``W ↦ W Rᵀ`` (used for merging) costs ``out·d·b``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 #: Blocks narrower than this are multiplied as block-diagonal tiles of about this width: a batched matmul of
@@ -49,16 +51,14 @@ class _BlockDiagonalProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, blocks)
         rows, width = x.shape
         transposed = torch.bmm(blocks.transpose(1, 2), _block_view(x, blocks.shape[0]).transpose(1, 2))
         return transposed.view(width, rows).t()
 
     @staticmethod
-    def backward(
-        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, blocks = ctx.saved_tensors
         num_blocks = blocks.shape[0]
         # The base layer's matmul hands back the gradient in the layout of its input, column-major: read its

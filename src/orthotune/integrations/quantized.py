@@ -37,11 +37,11 @@ class QuantizedBackend:
     requantize: Callable[[nn.Module, torch.Tensor], None]
     storage_attributes: tuple[str, ...]
 
-    def storage(self, layer: nn.Module) -> dict[str, Any]:
+    def storage(self, layer: Any) -> dict[str, Any]:
         """References to the objects holding the packed weight (no copy: requantize replaces, never mutates)."""
         return {path: _get_path(layer, path) for path in self.storage_attributes}
 
-    def restore(self, layer: nn.Module, storage: dict[str, Any]) -> None:
+    def restore(self, layer: Any, storage: dict[str, Any]) -> None:
         for path, value in storage.items():
             _set_path(layer, path, value)
 
@@ -59,26 +59,26 @@ def _set_path(obj: Any, path: str, value: Any) -> None:
     setattr(obj, last, value)
 
 
-def _stored_weight(layer: nn.Module) -> Any:
+def _stored_weight(layer: Any) -> Any:
     """The registered ``weight`` parameter, read without going through a property a layer may define."""
     return layer._parameters.get("weight")
 
 
-def _holds_plain_weight(layer: nn.Module) -> bool:
+def _holds_plain_weight(layer: Any) -> bool:
     return type(_stored_weight(layer)) in (torch.Tensor, nn.Parameter)
 
 
-def _weight_class_name(layer: nn.Module) -> str:
+def _weight_class_name(layer: Any) -> str:
     weight = _stored_weight(layer)
     return type(weight).__name__ if weight is not None else ""
 
 
 # ------------------------------------------------------------------------------------ bitsandbytes 4-bit
-def _is_bnb_4bit(layer: nn.Module) -> bool:
+def _is_bnb_4bit(layer: Any) -> bool:
     return _weight_class_name(layer) == "Params4bit"
 
 
-def _bnb_4bit_dequantize(layer: nn.Module) -> torch.Tensor:
+def _bnb_4bit_dequantize(layer: Any) -> torch.Tensor:
     import bitsandbytes as bnb
 
     weight = layer.weight
@@ -91,7 +91,7 @@ def _bnb_4bit_dequantize(layer: nn.Module) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(weight.data, state).float()
 
 
-def _bnb_4bit_requantize(layer: nn.Module, matrix: torch.Tensor) -> None:
+def _bnb_4bit_requantize(layer: Any, matrix: torch.Tensor) -> None:
     import bitsandbytes as bnb
 
     old = layer.weight
@@ -109,17 +109,17 @@ def _bnb_4bit_requantize(layer: nn.Module, matrix: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------ bitsandbytes 8-bit
-def _is_bnb_8bit(layer: nn.Module) -> bool:
+def _is_bnb_8bit(layer: Any) -> bool:
     return _weight_class_name(layer) == "Int8Params"
 
 
-def _bnb_8bit_scales(layer: nn.Module) -> torch.Tensor:
+def _bnb_8bit_scales(layer: Any) -> torch.Tensor:
     # After the first forward, Linear8bitLt moves the row scales from the weight into its matmul state.
     scales = layer.weight.SCB
     return scales if scales is not None else layer.state.SCB
 
 
-def _bnb_8bit_dequantize(layer: nn.Module) -> torch.Tensor:
+def _bnb_8bit_dequantize(layer: Any) -> torch.Tensor:
     import bitsandbytes as bnb
 
     weight = layer.weight
@@ -128,7 +128,7 @@ def _bnb_8bit_dequantize(layer: nn.Module) -> torch.Tensor:
     return bnb.functional.int8_vectorwise_dequant(weight.data, _bnb_8bit_scales(layer).to(weight.device)).float()
 
 
-def _bnb_8bit_requantize(layer: nn.Module, matrix: torch.Tensor) -> None:
+def _bnb_8bit_requantize(layer: Any, matrix: torch.Tensor) -> None:
     import bitsandbytes as bnb
 
     old = layer.weight
@@ -143,16 +143,16 @@ def _bnb_8bit_requantize(layer: nn.Module, matrix: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------ torchao
-def _is_torchao_int8(layer: nn.Module) -> bool:
+def _is_torchao_int8(layer: Any) -> bool:
     weight = _stored_weight(layer)
     return type(weight).__name__ == "Int8Tensor" and type(weight).__module__.startswith("torchao")
 
 
-def _torchao_dequantize(layer: nn.Module) -> torch.Tensor:
+def _torchao_dequantize(layer: Any) -> torch.Tensor:
     return layer.weight.dequantize().float()
 
 
-def _torchao_requantize(layer: nn.Module, matrix: torch.Tensor) -> None:
+def _torchao_requantize(layer: Any, matrix: torch.Tensor) -> None:
     from torchao.quantization import PerRow
 
     old = layer.weight
@@ -170,17 +170,17 @@ def _torchao_requantize(layer: nn.Module, matrix: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------ optimum-quanto
-def _is_quanto(layer: nn.Module) -> bool:
+def _is_quanto(layer: Any) -> bool:
     # An unfrozen QLinear still holds its float weight (and quantizes it on the fly): that is a plain weight.
     module = type(layer).__module__
     return module.startswith("optimum.quanto") and hasattr(layer, "freeze") and not _holds_plain_weight(layer)
 
 
-def _quanto_dequantize(layer: nn.Module) -> torch.Tensor:
+def _quanto_dequantize(layer: Any) -> torch.Tensor:
     return layer.qweight.dequantize().float()
 
 
-def _quanto_requantize(layer: nn.Module, matrix: torch.Tensor) -> None:
+def _quanto_requantize(layer: Any, matrix: torch.Tensor) -> None:
     dtype = layer.weight.dtype  # a quantized weight reports the float dtype it stands for
     layer._parameters["weight"] = nn.Parameter(matrix.to(dtype), requires_grad=False)
     layer.freeze()  # quantize with the layer's own qtype and replace the float weight by the packed one
@@ -188,15 +188,15 @@ def _quanto_requantize(layer: nn.Module, matrix: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------------ HQQ
-def _is_hqq(layer: nn.Module) -> bool:
+def _is_hqq(layer: Any) -> bool:
     return type(layer).__name__ == "HQQLinear" and hasattr(layer, "W_q") and hasattr(layer, "dequantize")
 
 
-def _hqq_dequantize(layer: nn.Module) -> torch.Tensor:
+def _hqq_dequantize(layer: Any) -> torch.Tensor:
     return layer.dequantize().float()
 
 
-def _hqq_requantize(layer: nn.Module, matrix: torch.Tensor) -> None:
+def _hqq_requantize(layer: Any, matrix: torch.Tensor) -> None:
     # HQQLinear.quantize only works on a layer that holds no weight yet: quantize into a fresh one and take
     # its new W_q and meta (the old objects stay untouched for unmerge).
     quant_config = copy.deepcopy(layer.quant_config)  # the layer popped offload_meta out of it when built
@@ -222,7 +222,7 @@ BACKENDS: tuple[QuantizedBackend, ...] = (
 )
 
 
-def quantized_backend(layer: nn.Module) -> QuantizedBackend | None:
+def quantized_backend(layer: Any) -> QuantizedBackend | None:
     """The backend that stores ``layer``'s weight, or ``None`` for a layer with a plain float weight."""
     for backend in BACKENDS:
         if backend.matches(layer):

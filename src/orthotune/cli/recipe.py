@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from orthotune.data import LabelledTexts
-from orthotune.progress import ProgressBar
+from orthotune.cli.data import LabelledTexts
+from orthotune.cli.progress import ProgressBar
 
 #: L2 penalties (on the head's weight, added to the example-averaged loss) the linear probe chooses from.
 PROBE_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)

@@ -1,6 +1,6 @@
 """transformers' ``Trainer`` for orthotune models: adapter-only checkpoints, as peft models get them.
 
-    from orthotune.trainer import OrthoTrainer
+    from orthotune.integrations.trainer import OrthoTrainer
     trainer = OrthoTrainer(model=get_peft_model(model, config), args=TrainingArguments(...), train_dataset=...)
 
 ``Trainer`` recognises peft's ``PeftModel`` by its type and saves anything else as a full state dict (which
@@ -39,6 +39,7 @@ class OrthoTrainer(Trainer):
         if model is None:
             return super()._save(output_dir, state_dict)
         output_dir = self.args.output_dir if output_dir is None else output_dir
+        assert output_dir is not None  # TrainingArguments always has one
         if not self.args.should_save:
             return None
         model.save_pretrained(output_dir, state_dict=state_dict)
@@ -62,5 +63,7 @@ class OrthoTrainer(Trainer):
         ortho = self._ortho_model()
         if ortho is None:
             return super()._load_best_model()
-        self._load_adapters(ortho, self.state.best_model_checkpoint)
+        best = self.state.best_model_checkpoint
+        assert best is not None  # Trainer calls this only when it recorded a best checkpoint
+        self._load_adapters(ortho, best)
         return None

@@ -113,7 +113,7 @@ def read_table(path: str | Path, text_column: str, label_column: str) -> tuple[l
 def _read_csv(path: Path, delimiter: str) -> list[tuple[int, dict[str, object]]]:
     with path.open(newline="", encoding="utf-8-sig") as file:
         # TSV has no quoting (IANA text/tab-separated-values): a quote character is part of the text.
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
         reader = csv.DictReader(file, delimiter=delimiter, quoting=quoting)
         # Row numbers count the header as line 1, as a spreadsheet shows them.
         return [(number, dict(row)) for number, row in enumerate(reader, start=2)]

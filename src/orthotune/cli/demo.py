@@ -15,7 +15,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from orthotune.data import DataError, LabelledTexts
+from orthotune.cli.data import DataError, LabelledTexts
 
 #: Where the rows come from, for messages and reports.
 VADER_SOURCE = "VADER lexicon (vaderSentiment/vader_lexicon.txt, MIT)"

@@ -53,12 +53,12 @@ def merge_adapter_zero3(
     Raises:
         ValueError: an adapter name the model does not have, or a base weight tied to another module.
     """
-    model._merge_layers(adapter_names, safe_merge, around=_gathered)
+    model.merge_layers(adapter_names, safe_merge, around=_gathered)
 
 
 def unmerge_adapter_zero3(model: OrthoModel) -> None:
     """:meth:`OrthoModel.unmerge_adapter` for a ZeRO-3 model: gather each merged layer, unmerge, partition again."""
-    for _, layer in model._adapter_layers():
+    for _, layer in model.adapter_layers():
         if layer.merged:
             with _gathered(layer):
                 layer.unmerge()
