@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -456,7 +459,21 @@ def run_finetune(args: argparse.Namespace) -> int:
         f"fine-tuning {trained - probed:.0f} s)"
     )
     print(f"saved:     {output}" + (f" (merged model in {output / 'merged'})" if args.merge else ""))
+    _print_next_steps(output, model_dir)
     return 0
+
+
+def _print_next_steps(output: Path, model_dir: Path) -> None:
+    """The commands to try next, spelled as this shell can run them (the script's path when not on PATH)."""
+    program = "orthotune"
+    script = Path(sys.argv[0]) if sys.argv else None
+    on_path = shutil.which(program)
+    if script is not None and script.name == program and (on_path is None or Path(on_path) != script.resolve()):
+        program = shlex.quote(str(script))  # e.g. .venv/bin/orthotune, not on PATH
+    adapter, base = shlex.quote(str(output)), shlex.quote(str(model_dir))
+    print(f"next:      {program} inspect {adapter} --base {base}      # what the adapter does, layer by layer")
+    print(f"           {program} merge {adapter} --base {base} --output {adapter}-merged   # a plain model")
+    print(f"           {program} finetune --method boft --overwrite --output {adapter}-boft   # BOFT instead")
 
 
 def _describe_targets(layers: list[tuple[str, Any]]) -> str:
