@@ -366,3 +366,13 @@ def test_config_files_round_trip_with_peft(tmp_path) -> None:
 def test_config_refuses_bad_values_by_name(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         HRAConfig(**kwargs)
+
+
+def test_compiles_without_graph_breaks_and_matches_eager() -> None:
+    layer = make(Linear, nn.Linear(D, 5), r=4, init_weights=False)
+    x = torch.randn(3, D, requires_grad=True)
+    eager = layer(x)
+    (eager_grad,) = torch.autograd.grad(eager.square().sum(), layer.hra_u["default"])
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    (compiled_grad,) = torch.autograd.grad(compiled.square().sum(), layer.hra_u["default"])
+    assert rel_err(compiled, eager) <= 1e-6 and rel_err(compiled_grad, eager_grad) <= 1e-6

@@ -8,7 +8,8 @@ Each adapter is ``r`` vectors, the columns of ``hra_u: (d, r)``, and the orthogo
 
 ``x Hᵀ = x − (x U) Tᵀ Uᵀ`` (compact WY form, ``T`` an ``r × r`` triangular matrix): a linear layer's forward
 costs two thin products, like a LoRA adapter of rank ``r``, and keeps only ``x`` for backward. peft builds
-the dense ``d × d`` matrix ``H`` (``r`` products of ``d × d`` matrices) and the merged ``W H`` every step.
+the dense ``d × d`` matrix ``H``, multiplies it into an identity (``d³``) and into ``W`` (``out·d²``), every
+step, and back again in backward.
 
 Storage is peft's: ``hra_u[name]`` of shape ``(in_features, r)`` for a linear layer and
 ``(in_channels·kh·kw, r)`` for Conv2d, in the ``(in, kh, kw)`` order of the flattened weight. peft sizes it
