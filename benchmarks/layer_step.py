@@ -6,9 +6,13 @@ For every configuration ``(d, n, dtype)`` the script builds one frozen ``nn.Line
 ``requires_grad=False`` on its parameters) and one input of shape ``(n, d)``, then wraps deep copies of
 that frozen layer with each adapter variant:
 
-* ``orthotune`` OFT / COFT / block-shared OFT (``orthotune.oft.Linear``) and BOFT (``orthotune.boft.Linear``);
-* the same configurations in Hugging Face ``peft`` (``peft.tuners.oft.layer.Linear`` and
-  ``peft.tuners.boft.layer.Linear``).
+* ``orthotune`` OFT / COFT / block-shared OFT (``orthotune.oft.Linear``), BOFT (``orthotune.boft.Linear``) and
+  HRA (``orthotune.hra.Linear``);
+* the same configurations in Hugging Face ``peft`` (``peft.tuners.oft.layer.Linear``,
+  ``peft.tuners.boft.layer.Linear`` and ``peft.tuners.hra.layer.HRALinear``);
+* for HRA, also peft's LoRA of the same rank (``peft.tuners.lora.layer.Linear``, ``lora_alpha = r``, no
+  dropout), the cost HRA's low-rank products are held to: ``ours / LoRA`` is the per-repetition ratio of
+  orthotune's HRA step to LoRA's.
 
 Two operations are timed:
 
@@ -47,10 +51,11 @@ From the repository root::
     /work/venv/bin/python benchmarks/layer_step.py --d 1024 --n 512 --only "OFT b=32 exact" --profile
 
 Default sweep (no ``--grid`` / ``--d`` / ``--n``): the goal configurations, d=1024 and d=4096 at n=512
-with OFT b=32 (exact Cayley, Cayley-Neumann, COFT, block_share) at d=1024, OFT b=32 exact at d=4096, and
-BOFT (b=8, m=1), (b=8, m=2) at d=1024; plus d=2048, n=512 with BOFT (b=32, m=4).  ``--grid``: d in
-{1024, 2048, 4096} x n in {512, 2048}, OFT b in {32, 64} (exact, Neumann, COFT, block_share), BOFT
-b in {8, 32} x m in {1, 2, 4}.  ``--d`` / ``--n`` alone run the same variants on the grid ``d x n``.
+with OFT b=32 (exact Cayley, Cayley-Neumann, COFT, block_share) at d=1024, OFT b=32 exact at d=4096,
+BOFT (b=8, m=1), (b=8, m=2) at d=1024, and HRA r=8 (with LoRA r=8) at both; plus d=2048, n=512 with BOFT
+(b=32, m=4).  ``--grid``: d in {1024, 2048, 4096} x n in {512, 2048}, OFT b in {32, 64} (exact, Neumann,
+COFT, block_share), BOFT b in {8, 32} x m in {1, 2, 4}, HRA r=8.  ``--d`` / ``--n`` alone run the same
+variants on the grid ``d x n``.
 """
 
 from __future__ import annotations
@@ -141,7 +146,26 @@ class BOFTSpec:
         return self.n_butterfly_factor == 1 or (block_num % 2 == 0 and self.block_size % 2 == 0)
 
 
-AdapterSpec = OFTSpec | BOFTSpec
+@dataclass(frozen=True)
+class HRASpec:
+    """One HRA configuration: ``r`` Householder reflections; timed next to a peft LoRA of the same rank."""
+
+    r: int
+    apply_gs: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"HRA r={self.r}" + (" GS" if self.apply_gs else "")
+
+    @property
+    def lora_label(self) -> str:
+        return f"LoRA r={self.r}"
+
+    def is_valid_for(self, d: int) -> bool:
+        return self.r <= d
+
+
+AdapterSpec = OFTSpec | BOFTSpec | HRASpec
 
 
 def oft_specs(block_size: int) -> list[OFTSpec]:
@@ -166,16 +190,21 @@ GRID_SPECS: tuple[AdapterSpec, ...] = (
     *oft_specs(32),
     *oft_specs(64),
     *(BOFTSpec(b, m) for b, m in itertools.product((8, 32), (1, 2, 4))),
+    HRASpec(8),
 )
 
 
 def default_cases() -> list[Case]:
-    small = (*oft_specs(32), BOFTSpec(8, 1), BOFTSpec(8, 2))
-    return [Case(1024, 512, small), Case(2048, 512, (BOFTSpec(32, 4),)), Case(4096, 512, (OFTSpec(32),))]
+    small = (*oft_specs(32), BOFTSpec(8, 1), BOFTSpec(8, 2), HRASpec(8))
+    return [
+        Case(1024, 512, small),
+        Case(2048, 512, (BOFTSpec(32, 4),)),
+        Case(4096, 512, (OFTSpec(32), HRASpec(8))),
+    ]
 
 
 def quick_cases() -> list[Case]:
-    return [Case(64, 16, (*oft_specs(8), BOFTSpec(4, 1), BOFTSpec(4, 2)))]
+    return [Case(64, 16, (*oft_specs(8), BOFTSpec(4, 1), BOFTSpec(4, 2), HRASpec(4)))]
 
 
 def grid_cases(ds: Sequence[int], ns: Sequence[int], specs: Sequence[AdapterSpec] = GRID_SPECS) -> list[Case]:
@@ -194,6 +223,10 @@ def make_frozen_linear(d: int, dtype: torch.dtype) -> nn.Linear:
 
 
 def build_orthotune(spec: AdapterSpec, base: nn.Linear) -> nn.Module:
+    if isinstance(spec, HRASpec):
+        from orthotune.hra import Linear as HRALinear
+
+        return HRALinear(base, adapter_name="default", r=spec.r, apply_GS=spec.apply_gs, init_weights=False)
     if isinstance(spec, OFTSpec):
         from orthotune.oft import Linear as OFTLinear
 
@@ -219,6 +252,12 @@ def build_orthotune(spec: AdapterSpec, base: nn.Linear) -> nn.Module:
 
 
 def build_peft(spec: AdapterSpec, base: nn.Linear) -> nn.Module:
+    if isinstance(spec, HRASpec):
+        from peft import HRAConfig
+        from peft.tuners.hra.layer import HRALinear as PeftHRALinear
+
+        config = HRAConfig(r=spec.r, apply_GS=spec.apply_gs, init_weights=False, target_modules=["x"])
+        return PeftHRALinear(base, "default", config=config, r=spec.r)
     if isinstance(spec, OFTSpec):
         from peft import OFTConfig
         from peft.tuners.oft.layer import Linear as PeftOFTLinear
@@ -248,10 +287,34 @@ def build_peft(spec: AdapterSpec, base: nn.Linear) -> nn.Module:
         return PeftBOFTLinear(base, "default", config=config)
 
 
+def build_peft_lora(spec: AdapterSpec, base: nn.Linear) -> nn.Module:
+    """peft LoRA of HRA's rank: the cost HRA's two thin products per direction are measured against."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as PeftLoraLinear
+
+    assert isinstance(spec, HRASpec)
+    config = LoraConfig(r=spec.r, lora_alpha=spec.r, lora_dropout=0.0, target_modules=["x"])
+    return PeftLoraLinear(base, "default", config=config, r=spec.r, lora_alpha=spec.r)
+
+
 BUILDERS: dict[str, Callable[[AdapterSpec, nn.Linear], nn.Module]] = {
     "orthotune": build_orthotune,
     "peft": build_peft,
+    "lora": build_peft_lora,
 }
+
+
+def impls_for(spec: AdapterSpec) -> tuple[str, ...]:
+    """The implementations timed together for ``spec``: HRA adds a peft LoRA of the same rank."""
+    return (*IMPLS, "lora") if isinstance(spec, HRASpec) else IMPLS
+
+
+def variant_name(impl: str, spec: AdapterSpec) -> str:
+    """What ``--only`` matches and the profiler prints: ``"peft LoRA r=8 (HRA r=8)"`` for the LoRA reference."""
+    if impl == "lora":
+        assert isinstance(spec, HRASpec)
+        return f"peft {spec.lora_label} ({spec.label})"
+    return f"{impl} {spec.label}"
 
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -345,6 +408,7 @@ class Result:
     step: OpSummary | None = None
     infer: OpSummary | None = None
     peft_over_ours: Spread | None = None  # per-repetition peft step time / orthotune step time
+    ours_over_lora: Spread | None = None  # HRA: per-repetition orthotune step time / peft LoRA step time
     repeats: int = 0
     note: str | None = None
 
@@ -365,10 +429,14 @@ def run_spec(spec: AdapterSpec, frozen: nn.Linear, x: torch.Tensor, settings: Ru
     dtype = next(k for k, v in DTYPES.items() if v == x.dtype)
     results: dict[str, Result] = {}
     layers: dict[str, nn.Module] = {}
-    for impl in IMPLS:
-        if not selected(f"{impl} {spec.label}", settings.only):
+    for impl in impls_for(spec):
+        if not selected(variant_name(impl, spec), settings.only):
             continue
-        result = results[impl] = Result(d, n, dtype, impl, spec.label)
+        if impl == "lora":
+            assert isinstance(spec, HRASpec)
+            result = results[impl] = Result(d, n, dtype, "peft", spec.lora_label)
+        else:
+            result = results[impl] = Result(d, n, dtype, impl, spec.label)
         over = settings.over_cap.get((impl, spec.label))
         if over and d >= over[0] and n >= over[1]:
             result.note = (
@@ -411,8 +479,10 @@ def run_spec(spec: AdapterSpec, frozen: nn.Linear, x: torch.Tensor, settings: Ru
             result = results[impl]
             result.step, result.infer = summarize(steps, impl), summarize(infers, impl)
             result.repeats = len(steps[impl])
-        if len(layers) == len(IMPLS):
+        if "orthotune" in layers and "peft" in layers:
             results["orthotune"].peft_over_ours = Spread.of(paired_ratios(steps["peft"], steps["orthotune"]))
+        if "orthotune" in layers and "lora" in layers:
+            results["orthotune"].ours_over_lora = Spread.of(paired_ratios(steps["orthotune"], steps["lora"]))
     for result in results.values():
         report_progress(result)
     return list(results.values())
@@ -464,9 +534,10 @@ def profile_case(case: Case, settings: RunSettings, row_limit: int) -> None:
     frozen = make_frozen_linear(case.d, settings.dtype)
     x = torch.randn(case.n, case.d, dtype=settings.dtype, requires_grad=True)
     layers = {"frozen": frozen}
-    for spec, impl in itertools.product(case.specs, IMPLS):
-        if selected(f"{impl} {spec.label}", settings.only):
-            layers[f"{impl} {spec.label}"] = BUILDERS[impl](spec, copy.deepcopy(frozen))
+    for spec in case.specs:
+        for impl in impls_for(spec):
+            if selected(variant_name(impl, spec), settings.only):
+                layers[variant_name(impl, spec)] = BUILDERS[impl](spec, copy.deepcopy(frozen))
     for name, layer in layers.items():
         layer.train()
         step = make_step(layer, x)
@@ -488,7 +559,7 @@ HEADERS = (
     "d", "n", "dtype", "impl", "variant", "params",
     "step ms", "step x frozen [p25-p75]",
     "infer ms", "infer x frozen [p25-p75]",
-    "peft / ours (step) [p25-p75]", "reps",
+    "peft / ours (step) [p25-p75]", "ours / LoRA (step) [p25-p75]", "reps",
 )  # fmt: skip
 
 
@@ -505,8 +576,9 @@ def table_rows(results: Sequence[Result]) -> list[list[str]]:
         else:
             cells = ["-", r.note or "-", "-", "-"]
         speedup = r.peft_over_ours.format() if r.peft_over_ours else ""
+        over_lora = r.ours_over_lora.format() if r.ours_over_lora else ""
         params = str(r.n_params) if r.n_params or r.impl == "frozen" else "-"
-        rows.append([str(r.d), str(r.n), r.dtype, r.impl, r.label, params, *cells, speedup, str(r.repeats)])
+        rows.append([str(r.d), str(r.n), r.dtype, r.impl, r.label, params, *cells, speedup, over_lora, str(r.repeats)])
     return rows
 
 
@@ -542,7 +614,8 @@ def result_from_dict(row: dict) -> Result:
         return OpSummary(ms=spread(value["ms"]), ratio=spread(value["ratio"])) if value else None
 
     return Result(**{**row, "step": op(row["step"]), "infer": op(row["infer"]),
-                     "peft_over_ours": spread(row["peft_over_ours"])})  # fmt: skip
+                     "peft_over_ours": spread(row["peft_over_ours"]),
+                     "ours_over_lora": spread(row.get("ours_over_lora"))})  # fmt: skip
 
 
 def print_tables(results: Sequence[Result], markdown: bool) -> None:

@@ -32,9 +32,12 @@ def test_layer_step_quick(tmp_path: Path) -> None:
     labels = {(r["impl"], r["label"]) for r in rows}
     for impl in ("orthotune", "peft"):
         for label in ("OFT b=8 exact", "OFT b=8 neumann", "COFT b=8 exact", "OFT b=8 exact block_share",
-                      "BOFT b=4 m=1", "BOFT b=4 m=2"):  # fmt: skip
+                      "BOFT b=4 m=1", "BOFT b=4 m=2", "HRA r=4"):  # fmt: skip
             assert (impl, label) in labels
             assert f"| {impl} | {label} |" in stdout
+    assert ("peft", "LoRA r=4") in labels  # HRA's reference: a LoRA adapter of the same rank
+    hra = next(r for r in rows if (r["impl"], r["label"]) == ("orthotune", "HRA r=4"))
+    assert hra["ours_over_lora"]["median"] > 0
     assert ("frozen", "nn.Linear(64, 64)") in labels
     for r in rows:
         assert r["note"] is None, r

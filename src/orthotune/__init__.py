@@ -1,4 +1,4 @@
-"""orthotune: orthogonal fine-tuning (OFT, COFT, BOFT) for PyTorch.
+"""orthotune: orthogonal fine-tuning (OFT, COFT, BOFT, HRA) for PyTorch.
 
 Layers live in :mod:`orthotune.oft` and :mod:`orthotune.boft`; the math they share, as pure functions on
 tensors, in :mod:`orthotune.functional`. Whole models get peft's API: :class:`OFTConfig`/:class:`BOFTConfig`,
@@ -20,6 +20,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "AdapterLayer": "orthotune.adapter_layer",
     "BOFTConfig": "orthotune.config",
+    "HRAConfig": "orthotune.config",
     "OFTConfig": "orthotune.config",
     "OrthoModel": "orthotune.model",
     "PeftModel": "orthotune.model",
@@ -30,6 +31,7 @@ _SUBMODULES = ("functional",)
 __all__ = [
     "AdapterLayer",
     "BOFTConfig",
+    "HRAConfig",
     "OFTConfig",
     "OrthoModel",
     "PeftModel",
@@ -41,7 +43,7 @@ __all__ = [
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports these on first use
     from orthotune import functional
     from orthotune.adapter_layer import AdapterLayer
-    from orthotune.config import BOFTConfig, OFTConfig
+    from orthotune.config import BOFTConfig, HRAConfig, OFTConfig
     from orthotune.model import OrthoModel, PeftModel, get_peft_model
 
 

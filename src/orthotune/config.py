@@ -1,4 +1,4 @@
-"""Adapter configurations: :class:`OFTConfig` and :class:`BOFTConfig`, with peft 0.21.2's fields and meanings.
+"""Adapter configurations: :class:`OFTConfig`, :class:`BOFTConfig`, :class:`HRAConfig`, with peft 0.21.2's fields.
 
 A config is what ``adapter_config.json`` holds. The file is peft's: the same keys, the same values, concrete
 integers for block sizes, and ``"peft_type"`` naming the method, so either library reads what the other wrote::
@@ -154,10 +154,11 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        """The config a dict describes: an :class:`OFTConfig` or :class:`BOFTConfig` by its ``peft_type``.
+        """The config a dict describes: an :class:`OFTConfig`, :class:`BOFTConfig` or :class:`HRAConfig` by its
+        ``peft_type``.
 
         Keys this version does not know are kept (and written back when saving) with a warning; a
-        ``peft_type`` other than ``"OFT"`` and ``"BOFT"`` is refused.
+        ``peft_type`` other than ``"OFT"``, ``"BOFT"`` and ``"HRA"`` is refused.
         """
         if not isinstance(data, dict):
             raise ValueError(f"an adapter config must be a JSON object, not {type(data).__name__}")
@@ -165,7 +166,7 @@ class AdapterConfig:
         config_classes = AdapterConfig._registry
         if peft_type not in config_classes:
             raise ValueError(
-                f"peft_type={peft_type!r}: orthotune reads {' and '.join(config_classes)} adapters only; "
+                f"peft_type={peft_type!r}: orthotune reads {', '.join(config_classes)} adapters only; "
                 + ("this is another kind of peft adapter, load it with peft" if peft_type else "the key is missing")
             )
         config_class = config_classes[peft_type]
@@ -333,6 +334,59 @@ class BOFTConfig(AdapterConfig):
         from orthotune.boft import layer_class
 
         return layer_class(kind)
+
+
+@dataclass
+class HRAConfig(AdapterConfig):
+    """Householder reflection adaptation (HRA; Yuan et al., NeurIPS 2024) of a whole model, as peft 0.21.2's
+    ``HRAConfig``.
+
+    Args:
+        r: number of Householder reflections per adapted layer. Keep it even: the identity initialisation pairs
+            equal reflections, and with an odd ``r`` the adapter starts from a random orthogonal matrix (as in
+            peft, with a warning).
+        apply_GS: orthonormalise the reflection vectors (Gram–Schmidt) and use ``H = I − 2QQᵀ``. Gram–Schmidt
+            of the paired vectors of the identity initialisation is undefined, so a new adapter with
+            ``apply_GS=True`` should be made with ``init_weights=False``.
+        init_weights: ``True`` starts from the identity (for an even ``r`` without ``apply_GS``), ``False`` from
+            random reflections.
+        bias: ``"none"``, ``"all"`` or ``"hra_only"``.
+
+    The other fields mean what they mean in :class:`OFTConfig`.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "HRA"
+    _BIAS_ONLY: ClassVar[str] = "hra_only"
+    prefix: ClassVar[str] = "hra_"
+
+    r: int = 8
+    apply_GS: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int("r", self.r, minimum=1)
+        check_bool("apply_GS", self.apply_GS)
+
+    def layer_kwargs(self) -> dict[str, Any]:
+        return {
+            "r": self.r,
+            "apply_GS": self.apply_GS,
+            "init_weights": self.init_weights,
+            "inference_mode": self.inference_mode,
+        }
+
+    def layer_class(self, kind: LayerKind) -> type[AdapterLayer]:
+        from orthotune.hra import layer_class
+
+        return layer_class(kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As :meth:`AdapterConfig.to_dict`, without ``fan_in_fan_out`` when it is ``False``: peft's HRAConfig
+        has no such field, and peft warns about a key it does not know."""
+        data = super().to_dict()
+        if not self.fan_in_fan_out:
+            del data["fan_in_fan_out"]
+        return data
 
 
 def as_orthotune_config(config: Any) -> AdapterConfig:

@@ -6,6 +6,7 @@
 - :mod:`~orthotune.functional.rotate`: block-diagonal rotations of activations and of weights.
 - :mod:`~orthotune.functional.butterfly`: BOFT's butterfly permutations and products.
 - :mod:`~orthotune.functional.dropout`: multiplicative (block-to-identity) dropout.
+- :mod:`~orthotune.functional.householder`: HRA's products of Householder reflections (compact WY form).
 """
 
 from orthotune.functional.butterfly import (
@@ -25,6 +26,16 @@ from orthotune.functional.cayley import (
 )
 from orthotune.functional.coft import coft_radius, project_coft, project_to_ball
 from orthotune.functional.dropout import drop_blocks_to_identity, drop_factor_blocks_to_identity
+from orthotune.functional.householder import (
+    householder_compose,
+    householder_dense,
+    householder_gram_schmidt,
+    householder_rotate_activations,
+    householder_rotate_weight,
+    householder_unit_vectors,
+    householder_unrotate_weight,
+    householder_wy,
+)
 from orthotune.functional.rotate import block_diagonal, rotate_activations, rotate_weight, unrotate_weight
 from orthotune.functional.skew import (
     block_size_from_packed,
@@ -51,6 +62,14 @@ __all__ = [
     "coft_radius",
     "drop_blocks_to_identity",
     "drop_factor_blocks_to_identity",
+    "householder_compose",
+    "householder_dense",
+    "householder_gram_schmidt",
+    "householder_rotate_activations",
+    "householder_rotate_weight",
+    "householder_unit_vectors",
+    "householder_unrotate_weight",
+    "householder_wy",
     "neumann_norm_bound",
     "orthogonality_error",
     "packed_from_skew",
