@@ -17,6 +17,13 @@ linear layers and ``(1, out_channels)`` for Conv2d.
 ``boft_n_butterfly_factor`` is the number of factors ``m``; ``0`` (the layer's default in the spec) means
 ``1``, a single block-diagonal factor, like peft's config default. Unlike peft, ``m > 1`` is honoured on every
 device with no extension to compile.
+
+``rotation_side="output"`` is LyCORIS's ``boft``: its butterfly (:mod:`~orthotune.functional.lycoris_butterfly`)
+rotates the layer's outputs before the bias, and ``boft_s`` scales them after (LyCORIS's ``rescale``)::
+
+    x ──► base layer (frozen W) ──► (x Wᵀ) M ⊙ s + b,      merged:  W ↦ s ⊙ (Mᵀ W)
+
+The blocks then divide ``out_features`` and must be even (every LyCORIS stage interleaves half-blocks).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from torch import nn
 
 from orthotune.adapter_layer import AdapterLayer, check_init_weights
 from orthotune.base_layer import LayerKind, weight_matrix
+from orthotune.config import check_constraint, check_rotation_side
 from orthotune.functional import (
     boft_generators,
     butterfly_dense,
@@ -35,26 +43,35 @@ from orthotune.functional import (
     butterfly_rotate_activations,
     butterfly_rotate_weight,
     cayley_exact,
+    lycoris_butterfly_dense,
+    lycoris_butterfly_fits,
+    lycoris_butterfly_rotate_activations,
+    lycoris_butterfly_rotate_weight,
+    lycoris_butterfly_unrotate_weight,
+    lycoris_radius,
+    project_skew_jointly,
 )
 from orthotune.oft import MultiplicativeDropoutLayer, _check_dropout, _checked_fan_in_fan_out
 
 __all__ = ["BOFTLayer", "Conv2d", "Linear", "MultiplicativeDropoutLayer", "valid_boft_block_sizes"]
 
 
-def _fits(features: int, block_size: int, num_factors: int) -> bool:
+def _fits(features: int, block_size: int, num_factors: int, rotation_side: str = "input") -> bool:
+    if rotation_side == "output":
+        return lycoris_butterfly_fits(features, block_size, num_factors)
     if block_size < 1 or features % block_size:
         return False
     return num_factors == 1 or (block_size % 2 == 0 and features % (block_size * 2 ** (num_factors - 1)) == 0)
 
 
-def valid_boft_block_sizes(features: int, num_factors: int) -> list[int]:
-    """Block sizes that work for ``features`` and ``num_factors`` butterfly factors."""
-    return [b for b in range(2 if num_factors > 1 else 1, features + 1) if _fits(features, b, num_factors)]
+def valid_boft_block_sizes(features: int, num_factors: int, rotation_side: str = "input") -> list[int]:
+    """Block sizes that work for ``features`` and ``num_factors`` butterfly factors on that side."""
+    return [b for b in range(1, features + 1) if _fits(features, b, num_factors, rotation_side)]
 
 
-def _max_factors(features: int, block_size: int) -> int:
+def _max_factors(features: int, block_size: int, rotation_side: str = "input") -> int:
     factors = 1
-    while _fits(features, block_size, factors + 1):
+    while _fits(features, block_size, factors + 1, rotation_side):
         factors += 1
     return factors
 
@@ -77,6 +94,8 @@ class BOFTLayer(AdapterLayer):
         "boft_n_butterfly_factor",
         "boft_dropout",
         "boft_permutations",
+        "rotation_side",
+        "boft_constraint",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -90,10 +109,14 @@ class BOFTLayer(AdapterLayer):
         self.boft_block_size: dict[str, int] = {}
         self.boft_block_num: dict[str, int] = {}
         self.boft_n_butterfly_factor: dict[str, int] = {}
+        self.rotation_side: dict[str, str] = {}
+        self.boft_constraint: dict[str, float] = {}
         self.kwargs = kwargs
 
-    def _resolve_blocks(self, block_size: int, block_num: int, num_factors: int) -> tuple[int, int]:
-        features = self.rotated_features
+    def _resolve_blocks(
+        self, block_size: int, block_num: int, num_factors: int, rotation_side: str = "input"
+    ) -> tuple[int, int]:
+        features = self._side_features(rotation_side)
         for argument, value in (("boft_block_size", block_size), ("boft_block_num", block_num)):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{argument}={value!r} must be a non-negative integer; set it to 0 to derive it")
@@ -107,9 +130,9 @@ class BOFTLayer(AdapterLayer):
         argument, value = ("boft_block_size", block_size) if block_size else ("boft_block_num", block_num)
         if features % value == 0:
             block_size = block_size or features // block_num
-            if _fits(features, block_size, num_factors):
+            if _fits(features, block_size, num_factors, rotation_side):
                 return block_size, features // block_size
-        sizes = valid_boft_block_sizes(features, num_factors)
+        sizes = valid_boft_block_sizes(features, num_factors, rotation_side)
         if argument == "boft_block_num":
             hint = f"boft_block_num in {[features // b for b in sizes][::-1][:12]}"
         else:
@@ -117,13 +140,21 @@ class BOFTLayer(AdapterLayer):
         at_most = (
             ""
             if features % value
-            else (f" (with this block size at most boft_n_butterfly_factor={_max_factors(features, block_size)})")
+            else (
+                " (with this block size at most "
+                f"boft_n_butterfly_factor={_max_factors(features, block_size, rotation_side)})"
+            )
         )
+        even = "every block size must be even on the output side (LyCORIS); " if rotation_side == "output" else ""
         raise ValueError(
             f"{argument}={value} does not fit {features} features with boft_n_butterfly_factor={num_factors}: "
-            f"each factor needs an even block size and features divisible by block_size·2^(factors-1); "
+            f"{even}each factor needs an even block size and features divisible by block_size·2^(factors-1); "
             f"use {hint}{at_most}"
         )
+
+    def _side_features(self, rotation_side: str) -> int:
+        """The width a rotation on that side acts on: the outputs, or the features the layer reads."""
+        return self.out_features if rotation_side == "output" else self.rotated_features
 
     def update_layer(
         self,
@@ -134,9 +165,15 @@ class BOFTLayer(AdapterLayer):
         boft_dropout: float = 0.1,
         init_weights: bool = True,
         inference_mode: bool = False,
+        rotation_side: str = "input",
+        constraint: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        """Add (or replace) the adapter ``adapter_name``: ``m`` butterfly factors and an output scale."""
+        """Add (or replace) the adapter ``adapter_name``: ``m`` butterfly factors and an output scale.
+
+        ``rotation_side="output"`` uses LyCORIS's butterfly on the layer's outputs; ``constraint`` is LyCORIS's
+        ``alpha``: the generators of all factors together within ``‖Q‖_F ≤ constraint · width``.
+        """
         if kwargs:
             raise TypeError(f"unexpected BOFT arguments {sorted(kwargs)}; see orthotune.boft.BOFTLayer.update_layer")
         if not isinstance(boft_n_butterfly_factor, int) or boft_n_butterfly_factor < 0:
@@ -145,20 +182,27 @@ class BOFTLayer(AdapterLayer):
             )
         check_init_weights(init_weights)
         _check_dropout("boft_dropout", boft_dropout)
+        check_rotation_side(rotation_side)
+        check_constraint(constraint)
         num_factors = max(1, boft_n_butterfly_factor)
-        block_size, block_num = self._resolve_blocks(boft_block_size, boft_block_num, num_factors)
+        block_size, block_num = self._resolve_blocks(boft_block_size, boft_block_num, num_factors, rotation_side)
         device = self._adapter_device()
         scale_shape = (1, self.out_features) if self.kind is LayerKind.CONV2D else (self.out_features, 1)
         self.boft_R[adapter_name] = nn.Parameter(
             torch.zeros(num_factors, block_num, block_size, block_size, device=device)
         )
         self.boft_s[adapter_name] = nn.Parameter(torch.ones(scale_shape, device=device))
-        index = butterfly_permutations(self.rotated_features, block_size, num_factors)
-        self.boft_permutations[adapter_name] = _Permutations(index.to(device))
+        if rotation_side == "input":
+            index = butterfly_permutations(self.rotated_features, block_size, num_factors)
+            self.boft_permutations[adapter_name] = _Permutations(index.to(device))
+        elif adapter_name in self.boft_permutations:  # LyCORIS's butterfly permutes by reshapes alone
+            del self.boft_permutations[adapter_name]
         self.boft_dropout[adapter_name] = MultiplicativeDropoutLayer(boft_dropout)
         self.boft_block_size[adapter_name] = block_size
         self.boft_block_num[adapter_name] = block_num
         self.boft_n_butterfly_factor[adapter_name] = num_factors
+        self.rotation_side[adapter_name] = rotation_side
+        self.boft_constraint[adapter_name] = constraint
         self.reset_boft_parameters(adapter_name, init_weights)
         self._register_new_adapter(adapter_name, inference_mode)
 
@@ -174,7 +218,14 @@ class BOFTLayer(AdapterLayer):
 
     def rotation_blocks(self, adapter_name: str) -> torch.Tensor:
         """``(m, D, b, b)`` fp32 orthogonal blocks of every factor, from one batched Cayley solve."""
-        return cayley_exact(boft_generators(self.boft_R[adapter_name].float()))
+        generators = boft_generators(self.boft_R[adapter_name].float())
+        radius = lycoris_radius(
+            self.boft_constraint[adapter_name], self._side_features(self.rotation_side[adapter_name])
+        )
+        return cayley_exact(project_skew_jointly(generators, radius))
+
+    def _rotates_outputs(self, adapter_name: str) -> bool:
+        return self.rotation_side[adapter_name] == "output"
 
     def _forward_blocks(self, adapter_name: str) -> torch.Tensor:
         return self.boft_dropout[adapter_name](self.rotation_blocks(adapter_name))
@@ -188,16 +239,24 @@ class BOFTLayer(AdapterLayer):
         return scale.transpose(0, 1) if self.kind is LayerKind.CONV2D else scale
 
     def get_delta_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(M, s)``: the dense ``(d, d)`` rotation (``x ↦ x M``) and the ``(out, 1)`` output scale."""
+        """``(M, s)``: the dense ``(d, d)`` rotation (``x ↦ x M``, or ``y ↦ y M`` for the outputs on the output
+        side) and the ``(out, 1)`` output scale."""
+        if self._rotates_outputs(adapter_name):
+            return lycoris_butterfly_dense(self.rotation_blocks(adapter_name)), self._output_scale(adapter_name)
         rotation = butterfly_dense(self.rotation_blocks(adapter_name), self._permutation_index(adapter_name))
         return rotation, self._output_scale(adapter_name)
 
     def _merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         blocks = self.rotation_blocks(adapter_name)
+        if self._rotates_outputs(adapter_name):
+            return lycoris_butterfly_rotate_weight(weight, blocks, self._output_scale(adapter_name).float().flatten())
         rotated = butterfly_rotate_weight(weight, blocks, self._permutation_index(adapter_name))
         return rotated * self._output_scale(adapter_name).float()
 
     def _unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if self._rotates_outputs(adapter_name):
+            scale = self._output_scale(adapter_name).float().flatten()
+            return lycoris_butterfly_unrotate_weight(weight, self.rotation_blocks(adapter_name), scale)
         # The Cayley blocks are orthogonal to rounding, so Mᵀ is M's inverse: (W Mᵀ s) / s M = W.
         unscaled = weight / self._output_scale(adapter_name).float()
         blocks = self.rotation_blocks(adapter_name)
@@ -222,6 +281,8 @@ class _BOFTConstructor(BOFTLayer):
         init_weights: bool = True,
         is_target_conv_1d_layer: bool = False,
         inference_mode: bool = False,
+        rotation_side: str = "input",
+        constraint: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(base_layer, **kwargs)
@@ -235,6 +296,8 @@ class _BOFTConstructor(BOFTLayer):
             boft_dropout=boft_dropout,
             init_weights=init_weights,
             inference_mode=inference_mode,
+            rotation_side=rotation_side,
+            constraint=constraint,
         )
 
 
@@ -246,6 +309,8 @@ class Linear(_BOFTConstructor):
     """
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if any(self._rotates_outputs(name) for name in active):
+            return self._forward_with_output_rotations(x, active, *args, **kwargs)
         scale: torch.Tensor | None = None
         for name in reversed(active):  # the first active adapter sits next to the base layer
             blocks = self._forward_blocks(name).to(x.dtype)
@@ -262,6 +327,37 @@ class Linear(_BOFTConstructor):
         # (result - b) s + b, in one pass over the output.
         bias = bias.to(result.dtype)
         return torch.addcmul(bias - bias * scale, result, scale)
+
+    def _forward_with_output_rotations(
+        self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Forward with at least one output-side adapter: ``((x M_in) Wᵀ + b)`` then, in active order, each
+        adapter's left factor of the merged weight: ``⊙ s`` (input side) or ``M ⊙ s`` (output side).
+
+        The bias is not rotated or scaled (it is not in the merged weight): the chain is applied to the whole
+        output, bias included, and ``b - chain(b)`` added back, a vector-sized correction.
+        """
+        for name in reversed(active):  # right factors of W: the first active adapter next to the base layer
+            if not self._rotates_outputs(name):
+                blocks = self._forward_blocks(name).to(x.dtype)
+                x = butterfly_rotate_activations(x, blocks, self._permutation_index(name), row_major=False)
+        result = self._base_forward_on_rotated(x, *args, **kwargs)
+        bias = getattr(self.base_layer, "bias", None)
+        chained_bias = None if bias is None else bias.float()
+        for name in active:  # left factors of W, in merge order
+            scale = self.boft_s[name].flatten()
+            if self._rotates_outputs(name):
+                blocks = self._forward_blocks(name)  # one dropout draw for the output and the bias
+                result = lycoris_butterfly_rotate_activations(result, blocks.to(result.dtype), scale.to(result.dtype))
+                if chained_bias is not None:
+                    chained_bias = lycoris_butterfly_rotate_activations(chained_bias, blocks, scale.float())
+            else:
+                result = result * scale.to(result.dtype)
+                if chained_bias is not None:
+                    chained_bias = chained_bias * scale.float()
+        if bias is None:
+            return result
+        return result + (bias.float() - chained_bias).to(result.dtype)
 
 
 class Conv2d(_BOFTConstructor):
@@ -280,6 +376,10 @@ class Conv2d(_BOFTConstructor):
         weight = weight_matrix(base, self.kind)
         for name in active:  # merge order: the first active adapter is applied to W first
             blocks = self._forward_blocks(name).to(weight.dtype)
+            scale = self._output_scale(name).to(weight.dtype)
+            if self._rotates_outputs(name):
+                weight = lycoris_butterfly_rotate_weight(weight, blocks, scale.flatten())
+                continue
             weight = butterfly_rotate_weight(weight, blocks, self._permutation_index(name))
-            weight = weight * self._output_scale(name).to(weight.dtype)
+            weight = weight * scale
         return base._conv_forward(x, weight.reshape(base.weight.shape), base.bias)

@@ -247,7 +247,11 @@ def layer_tensors(module_name: str, layer: AdapterLayer, adapter_name: str) -> d
     prefix = f"{MODEL_PREFIX}{module_name}."
     if isinstance(layer, OFTLayer):
         key = "oft_embedding_R" if layer.kind is LayerKind.EMBEDDING else "oft_R"
-        return {f"{prefix}{key}.weight": layer.oft_R[adapter_name].weight}
+        rotation = layer.oft_R[adapter_name]
+        tensors = {f"{prefix}{key}.weight": rotation.weight}
+        if rotation.rescale is not None:  # an output-side adapter's scale (not a peft key)
+            tensors[f"{prefix}{key}.rescale"] = rotation.rescale
+        return tensors
     if isinstance(layer, BOFTLayer):
         return {f"{prefix}boft_R": layer.boft_R[adapter_name], f"{prefix}boft_s": layer.boft_s[adapter_name]}
     raise TypeError(f"{type(layer).__name__} at {module_name!r} is not an OFT or BOFT layer")

@@ -61,6 +61,29 @@ def _check_bool(argument: str, value: Any) -> None:
         raise ValueError(f"{argument}={value!r} must be True or False")
 
 
+#: Which features an adapter rotates: the layer's ``"input"`` (peft's OFT and BOFT, ``W ↦ W Rᵀ``) or its
+#: ``"output"`` (LyCORIS's ``diag-oft`` and ``boft``, ``W ↦ s ⊙ (Rᵀ W)``).
+ROTATION_SIDES = ("input", "output")
+
+
+def check_rotation_side(value: Any) -> None:
+    """``rotation_side`` is one of :data:`ROTATION_SIDES`."""
+    if value not in ROTATION_SIDES:
+        raise ValueError(
+            f"rotation_side={value!r} must be 'input' (rotate what the layer reads, as peft) or 'output' (rotate "
+            "what it writes, as LyCORIS's diag-oft and boft)"
+        )
+
+
+def check_constraint(value: Any) -> None:
+    """LyCORIS's ``constraint`` (its ``alpha``): a number ≥ 0, 0 meaning no constraint."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(
+            f"constraint={value!r} must be a number ≥ 0: all of a layer's generators together are kept within "
+            "‖Q‖_F ≤ constraint · features (LyCORIS's alpha); 0 turns it off"
+        )
+
+
 def _check_exactly_one(count: tuple[str, int], size: tuple[str, int], example: str) -> None:
     """A number of blocks and a block size whose product is the layer width: exactly one may be set."""
     for argument, value in (count, size):
@@ -80,6 +103,9 @@ class AdapterConfig:
     """Fields every adapter config shares with peft's ``PeftConfig`` (see :class:`OFTConfig` for their meaning)."""
 
     PEFT_TYPE: ClassVar[str] = ""
+    #: Fields peft does not have; written to ``adapter_config.json`` only when not at their default, so that a
+    #: config peft can express is saved exactly as peft saves it.
+    _ORTHOTUNE_ONLY: ClassVar[tuple[str, ...]] = ()
     #: The method's own ``bias`` choice besides ``"none"`` and ``"all"`` (``"oft_only"``, ``"boft_only"``).
     _BIAS_ONLY: ClassVar[str] = ""
 
@@ -147,8 +173,10 @@ class AdapterConfig:
         """The JSON-ready dict of ``adapter_config.json``, as peft 0.21.2 writes it."""
         data = dict(self.extra)
         for item in dataclasses.fields(self):
-            if item.name != "extra":
-                data[item.name] = copy.deepcopy(getattr(self, item.name))
+            value = getattr(self, item.name)
+            if item.name == "extra" or (item.name in self._ORTHOTUNE_ONLY and value == item.default):
+                continue
+            data[item.name] = copy.deepcopy(value)
         data["peft_version"] = PEFT_FORMAT_VERSION
         return data
 
@@ -238,10 +266,17 @@ class OFTConfig(AdapterConfig):
         task_type: peft's task type; ``"SEQ_CLS"`` and ``"TOKEN_CLS"`` add the classifier head to
             ``modules_to_save`` and ``"QUESTION_ANS"`` the ``qa_outputs`` head, as peft does.
         inference_mode: adapters are frozen.
+        rotation_side: ``"input"`` (peft's OFT: ``W ↦ W Rᵀ``) or ``"output"`` (LyCORIS's ``diag-oft``: the layer's
+            outputs are rotated before the bias, ``W ↦ s ⊙ (Rᵀ W)``); with ``"output"`` the blocks divide
+            ``out_features``. Not a peft field: written to files only when ``"output"``.
+        rescale: with ``rotation_side="output"``, a trainable per-output scale ``s`` (LyCORIS's ``rescaled``).
+        constraint: LyCORIS's ``alpha``: all of a layer's generators together within ``‖Q‖_F ≤ constraint · d``
+            (``d`` the rotated width); 0 for none.
     """
 
     PEFT_TYPE: ClassVar[str] = "OFT"
     _BIAS_ONLY: ClassVar[str] = "oft_only"
+    _ORTHOTUNE_ONLY: ClassVar[tuple[str, ...]] = ("rotation_side", "rescale", "constraint")
 
     r: int = 0
     oft_block_size: int | None = None
@@ -251,6 +286,9 @@ class OFTConfig(AdapterConfig):
     block_share: bool = False
     use_cayley_neumann: bool = True
     num_cayley_neumann_terms: int = 5
+    rotation_side: str = "input"
+    rescale: bool = False
+    constraint: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -270,6 +308,11 @@ class OFTConfig(AdapterConfig):
                 "series is another polynomial than the Cayley-Neumann truncation, so the adapter file would mean "
                 "different rotations in the two libraries; use 5 (the default) or use_cayley_neumann=False"
             )
+        check_rotation_side(self.rotation_side)
+        _check_bool("rescale", self.rescale)
+        if self.rescale and self.rotation_side != "output":
+            raise ValueError("rescale=True scales the rotated outputs; it needs rotation_side='output'")
+        check_constraint(self.constraint)
 
 
 @dataclass
@@ -284,17 +327,23 @@ class BOFTConfig(AdapterConfig):
             ``m > 1`` works on every device.
         boft_dropout: multiplicative dropout: the fraction of one factor's blocks set to the identity per step.
         bias: ``"none"``, ``"all"`` or ``"boft_only"``.
+        rotation_side: ``"input"`` (peft's BOFT) or ``"output"`` (LyCORIS's ``boft``: its butterfly, which
+            interleaves every stage including the first, on the layer's outputs; ``boft_s`` is its ``rescale``).
+        constraint: LyCORIS's ``alpha``, as in :class:`OFTConfig`, over the generators of all factors.
 
     The other fields mean what they mean in :class:`OFTConfig`.
     """
 
     PEFT_TYPE: ClassVar[str] = "BOFT"
     _BIAS_ONLY: ClassVar[str] = "boft_only"
+    _ORTHOTUNE_ONLY: ClassVar[tuple[str, ...]] = ("rotation_side", "constraint")
 
     boft_block_size: int = 4
     boft_block_num: int = 0
     boft_n_butterfly_factor: int = 1
     boft_dropout: float = 0.0
+    rotation_side: str = "input"
+    constraint: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -303,3 +352,5 @@ class BOFTConfig(AdapterConfig):
         )
         _check_int("boft_n_butterfly_factor", self.boft_n_butterfly_factor, minimum=1)
         _check_probability("boft_dropout", self.boft_dropout)
+        check_rotation_side(self.rotation_side)
+        check_constraint(self.constraint)

@@ -224,6 +224,9 @@ def _adapter_kwargs(config: AdapterConfig) -> dict[str, Any]:
             "use_cayley_neumann": config.use_cayley_neumann,
             "num_cayley_neumann_terms": config.num_cayley_neumann_terms,
             "inference_mode": config.inference_mode,
+            "rotation_side": config.rotation_side,
+            "rescale": config.rescale,
+            "constraint": config.constraint,
         }
     assert isinstance(config, BOFTConfig)
     return {
@@ -233,6 +236,8 @@ def _adapter_kwargs(config: AdapterConfig) -> dict[str, Any]:
         "boft_dropout": config.boft_dropout,
         "init_weights": config.init_weights,
         "inference_mode": config.inference_mode,
+        "rotation_side": config.rotation_side,
+        "constraint": config.constraint,
     }
 
 
