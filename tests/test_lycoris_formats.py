@@ -15,6 +15,8 @@ import logging
 import pytest
 import torch
 from conftest import rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -34,6 +36,8 @@ from orthotune.formats import (
 
 lycoris = pytest.importorskip("lycoris")
 from lycoris import create_lycoris  # noqa: E402
+from lycoris.functional import boft as lycoris_boft  # noqa: E402
+from lycoris.functional import diag_oft as lycoris_diag_oft  # noqa: E402
 from lycoris.kohya import create_network_from_weights  # noqa: E402
 from lycoris.wrapper import LycorisNetwork, create_lycoris_from_weights  # noqa: E402
 
@@ -160,6 +164,55 @@ def test_lycoris_file_gives_lycoris_outputs_forward_and_merged(
         assert rel_err(layer.base_layer.weight, dict(model.named_modules())[name].weight) <= TOLERANCE, name
     for name, output in run_layers(layers).items():
         assert rel_err(output, expected[name]) <= TOLERANCE, name
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    algo=st.sampled_from(["diag-oft", "boft"]),
+    half=st.integers(1, 4),
+    log_blocks=st.integers(0, 3),
+    in_features=st.integers(1, 5),
+    constraint=st.sampled_from([0.0, 0.01, 1.0]),
+    rescaled=st.booleans(),
+    data=st.data(),
+)
+def test_lycoris_functional_weight_and_output_routes_equal_ours_across_shapes(
+    algo: str, half: int, log_blocks: int, in_features: int, constraint: float, rescaled: bool, data: st.DataObject
+) -> None:
+    """LyCORIS's own functional ``diff_weight`` (merged weight) and ``bypass_forward_diff`` (rotated outputs,
+    here of a bias-free layer) against an orthotune layer read from the same tensors."""
+    block_size, num_blocks = 2 * half, 2**log_blocks
+    if algo == "diag-oft":
+        num_blocks = data.draw(st.integers(1, 6))
+        if data.draw(st.booleans()):
+            block_size = data.draw(st.integers(1, 5))  # any block size for diag-oft
+    out_features = block_size * num_blocks
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    if algo == "boft":
+        shape = (data.draw(st.integers(1, log_blocks + 1)), num_blocks, block_size, block_size)
+    else:
+        shape = (num_blocks, block_size, block_size)
+    blocks = torch.randn(shape, generator=generator) * 0.4
+    rescale = torch.rand(out_features, 1, generator=generator) + 0.5 if rescaled else None
+    base = nn.Linear(in_features, out_features, bias=False)
+    x = torch.randn(3, in_features, generator=generator)
+    weight = base.weight.detach()
+    functional = lycoris_diag_oft if algo == "diag-oft" else lycoris_boft
+    radius = constraint * out_features  # what LyCORIS's modules pass as ``constraint``
+    merged = weight + functional.diff_weight(weight, blocks, rescale, constraint=radius)
+    if algo == "diag-oft":
+        outputs = functional.bypass_forward_diff(x, x @ weight.T, blocks, rescale, constraint=radius)
+    else:
+        outputs = functional.bypass_forward_diff(x @ weight.T, blocks, rescale, constraint=radius)
+    outputs = outputs + x @ weight.T
+
+    state_dict = {"lycoris_.oft_blocks": blocks, "lycoris_.alpha": torch.tensor(constraint)}
+    if rescale is not None:
+        state_dict["lycoris_.rescale"] = rescale
+    (layer,) = orthotune_layers(base, read_lycoris(state_dict, [""])).values()
+    assert rel_err(layer(x), outputs) <= TOLERANCE
+    layer.merge()
+    assert rel_err(layer.base_layer.weight, merged) <= TOLERANCE
 
 
 @pytest.mark.parametrize("algo", ["diag-oft", "boft"])

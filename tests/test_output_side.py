@@ -517,3 +517,34 @@ def test_skew_from_packed_matches_what_the_rotation_module_uses() -> None:
     rotation = layer.oft_R["a"]
     assert torch.equal(rotation.generators(), skew_from_packed(rotation.weight.float(), 4))
     assert rel_err(rotation.generators(), skew_reference(rotation.weight.detach(), 4)) == 0
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        OFTConfig(oft_block_size=4, rotation_side="output", rescale=True, constraint=0.1, use_cayley_neumann=False),
+        BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, rotation_side="output"),
+    ],
+    ids=["oft", "boft"],
+)
+def test_a_model_config_makes_output_side_layers_that_save_and_reload(config, tmp_path) -> None:
+    from orthotune import OrthoModel, get_peft_model
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16))
+    original = copy.deepcopy(model)
+    config.target_modules, config.init_weights = ["0", "2"], False
+    wrapped = get_peft_model(model, config)
+    layer = wrapped.get_submodule("base_model.model.0")
+    assert layer.out_features == 16 and (
+        layer.oft_R["default"].rescale is not None
+        if isinstance(layer, oft.OFTLayer)
+        else layer.rotation_side["default"] == "output"
+    )
+    with torch.no_grad():
+        for parameter in wrapped.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.2)
+    x = torch.randn(3, 8)
+    expected = wrapped(x)
+    wrapped.save_pretrained(tmp_path)
+    assert rel_err(OrthoModel.from_pretrained(original, tmp_path)(x), expected) == 0
