@@ -37,23 +37,28 @@ def divisors_near(features: int, value: int, count: int = 4) -> list[int]:
     return sorted(sorted(_divisors(features), key=lambda k: (abs(k - value), k))[:count])
 
 
-def block_size_fits(features: int, block_size: int, num_factors: int = 1) -> bool:
-    """Whether blocks of ``block_size`` tile ``features`` for ``num_factors`` butterfly factors (1: OFT)."""
+def block_size_fits(features: int, block_size: int, num_factors: int = 1, rotation_side: str = "input") -> bool:
+    """Whether blocks of ``block_size`` tile ``features`` for ``num_factors`` butterfly factors (1: OFT).
+
+    On the output side (LyCORIS's butterfly) every factor, the first too, interleaves halves of blocks, so the
+    block size is even even for one factor.
+    """
     if block_size < 1 or features % block_size:
         return False
-    return num_factors == 1 or (block_size % 2 == 0 and features % (block_size * 2 ** (num_factors - 1)) == 0)
+    if num_factors == 1 and rotation_side != "output":
+        return True
+    return block_size % 2 == 0 and features % (block_size * 2 ** (num_factors - 1)) == 0
 
 
-def valid_boft_block_sizes(features: int, num_factors: int) -> list[int]:
-    """Block sizes that work for ``features`` and ``num_factors`` butterfly factors."""
-    smallest = 2 if num_factors > 1 else 1
-    return [b for b in range(smallest, features + 1) if block_size_fits(features, b, num_factors)]
+def valid_boft_block_sizes(features: int, num_factors: int, rotation_side: str = "input") -> list[int]:
+    """Block sizes that work for ``features`` and ``num_factors`` butterfly factors on ``rotation_side``."""
+    return [b for b in range(1, features + 1) if block_size_fits(features, b, num_factors, rotation_side)]
 
 
-def max_butterfly_factors(features: int, block_size: int) -> int:
+def max_butterfly_factors(features: int, block_size: int, rotation_side: str = "input") -> int:
     """The most butterfly factors that blocks of ``block_size`` allow on ``features``."""
     factors = 1
-    while block_size_fits(features, block_size, factors + 1):
+    while block_size_fits(features, block_size, factors + 1, rotation_side):
         factors += 1
     return factors
 
@@ -94,7 +99,9 @@ def resolve_oft_blocks(features: int, r: int, oft_block_size: int, stacklevel: i
     return (value, features // value) if r else (features // value, value)
 
 
-def resolve_boft_blocks(features: int, block_size: int, block_num: int, num_factors: int) -> tuple[int, int]:
+def resolve_boft_blocks(
+    features: int, block_size: int, block_num: int, num_factors: int, rotation_side: str = "input"
+) -> tuple[int, int]:
     """``(b, D)`` for a BOFT layer of ``features``, or a ``ValueError`` that lists values that fit."""
     _check_counts(("boft_block_size", block_size), ("boft_block_num", block_num))
     if block_size == 0 and block_num == 0:
@@ -107,9 +114,9 @@ def resolve_boft_blocks(features: int, block_size: int, block_num: int, num_fact
     argument, value = ("boft_block_size", block_size) if block_size else ("boft_block_num", block_num)
     if features % value == 0:
         block_size = block_size or features // block_num
-        if block_size_fits(features, block_size, num_factors):
+        if block_size_fits(features, block_size, num_factors, rotation_side):
             return block_size, features // block_size
-    sizes = valid_boft_block_sizes(features, num_factors)
+    sizes = valid_boft_block_sizes(features, num_factors, rotation_side)
     if argument == "boft_block_num":
         hint = f"boft_block_num in {[features // b for b in sizes][::-1][:12]}"
     else:
@@ -117,10 +124,12 @@ def resolve_boft_blocks(features: int, block_size: int, block_num: int, num_fact
     at_most = (
         ""
         if features % value
-        else f" (with this block size at most boft_n_butterfly_factor={max_butterfly_factors(features, block_size)})"
+        else " (with this block size at most "
+        f"boft_n_butterfly_factor={max_butterfly_factors(features, block_size, rotation_side)})"
     )
+    even = "every block size must be even on the output side (LyCORIS); " if rotation_side == "output" else ""
     raise ValueError(
         f"{argument}={value} does not fit {features} features with boft_n_butterfly_factor={num_factors}: "
-        f"each factor needs an even block size and features divisible by block_size·2^(factors-1); "
+        f"{even}each factor needs an even block size and features divisible by block_size·2^(factors-1); "
         f"use {hint}{at_most}"
     )

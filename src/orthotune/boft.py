@@ -17,6 +17,13 @@ linear layers and ``(1, out_channels)`` for Conv2d.
 ``boft_n_butterfly_factor`` is the number of factors ``m``; ``0`` (the layer's default in peft) means
 ``1``, a single block-diagonal factor, like peft's config default. Unlike peft, ``m > 1`` is honoured on every
 device with no extension to compile.
+
+``rotation_side="output"`` is LyCORIS's ``boft``: its butterfly (:mod:`~orthotune.functional.lycoris_butterfly`)
+rotates the layer's outputs before the bias, and ``boft_s`` scales them after (LyCORIS's ``rescale``)::
+
+    x ──► base layer (frozen W) ──► (x Wᵀ) M ⊙ s + b,      merged:  W ↦ s ⊙ (Mᵀ W)
+
+The blocks then divide ``out_features`` and must be even (every LyCORIS stage interleaves half-blocks).
 """
 
 from __future__ import annotations
@@ -36,9 +43,15 @@ from orthotune.functional import (
     butterfly_rotate_activations,
     butterfly_rotate_weight,
     cayley_exact,
+    lycoris_butterfly_dense,
+    lycoris_butterfly_rotate_activations,
+    lycoris_butterfly_rotate_weight,
+    lycoris_butterfly_unrotate_weight,
+    lycoris_radius,
+    project_skew_jointly,
 )
 from orthotune.oft import MultiplicativeDropoutLayer
-from orthotune.validation import check_init_weights, check_probability
+from orthotune.validation import check_constraint, check_init_weights, check_probability, check_rotation_side
 
 __all__ = ["BOFTLayer", "Conv2d", "Linear", "MultiplicativeDropoutLayer", "layer_class"]
 
@@ -63,6 +76,8 @@ class BOFTLayer(AdapterLayer):
         "boft_n_butterfly_factor",
         "boft_dropout",
         "boft_permutations",
+        "rotation_side",
+        "boft_constraint",
     )
     constructor_arguments: tuple[str, ...] = (
         "boft_block_size",
@@ -84,6 +99,12 @@ class BOFTLayer(AdapterLayer):
         self.boft_block_size: dict[str, int] = {}
         self.boft_block_num: dict[str, int] = {}
         self.boft_n_butterfly_factor: dict[str, int] = {}
+        self.rotation_side: dict[str, str] = {}
+        self.boft_constraint: dict[str, float] = {}
+
+    def _side_features(self, rotation_side: str) -> int:
+        """The width a rotation on that side acts on: the outputs, or the features the layer reads."""
+        return self.out_features if rotation_side == "output" else self.rotated_features
 
     def update_layer(
         self,
@@ -94,9 +115,15 @@ class BOFTLayer(AdapterLayer):
         boft_dropout: float = 0.1,
         init_weights: bool = True,
         inference_mode: bool = False,
+        rotation_side: str = "input",
+        constraint: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        """Add (or replace) the adapter ``adapter_name``: ``m`` butterfly factors and an output scale."""
+        """Add (or replace) the adapter ``adapter_name``: ``m`` butterfly factors and an output scale.
+
+        ``rotation_side="output"`` uses LyCORIS's butterfly on the layer's outputs; ``constraint`` is LyCORIS's
+        ``alpha``: the generators of all factors together within ``‖Q‖_F ≤ constraint · width``.
+        """
         if kwargs:
             raise TypeError(f"unexpected BOFT arguments {sorted(kwargs)}; see orthotune.boft.BOFTLayer.update_layer")
         if not isinstance(boft_n_butterfly_factor, int) or boft_n_butterfly_factor < 0:
@@ -105,20 +132,29 @@ class BOFTLayer(AdapterLayer):
             )
         check_init_weights(init_weights)
         check_probability("boft_dropout", boft_dropout)
+        check_rotation_side(rotation_side)
+        check_constraint(constraint)
         num_factors = max(1, boft_n_butterfly_factor)
-        block_size, block_num = resolve_boft_blocks(self.rotated_features, boft_block_size, boft_block_num, num_factors)
+        block_size, block_num = resolve_boft_blocks(
+            self._side_features(rotation_side), boft_block_size, boft_block_num, num_factors, rotation_side
+        )
         device = self._adapter_device()
         scale_shape = (1, self.out_features) if self.kind is LayerKind.CONV2D else (self.out_features, 1)
         self.boft_R[adapter_name] = nn.Parameter(
             torch.zeros(num_factors, block_num, block_size, block_size, device=device)
         )
         self.boft_s[adapter_name] = nn.Parameter(torch.ones(scale_shape, device=device))
-        index = butterfly_permutations(self.rotated_features, block_size, num_factors)
-        self.boft_permutations[adapter_name] = _Permutations(index.to(device))
+        if rotation_side == "input":
+            index = butterfly_permutations(self.rotated_features, block_size, num_factors)
+            self.boft_permutations[adapter_name] = _Permutations(index.to(device))
+        elif adapter_name in self.boft_permutations:  # LyCORIS's butterfly permutes by reshapes alone
+            del self.boft_permutations[adapter_name]
         self.boft_dropout[adapter_name] = MultiplicativeDropoutLayer(boft_dropout)
         self.boft_block_size[adapter_name] = block_size
         self.boft_block_num[adapter_name] = block_num
         self.boft_n_butterfly_factor[adapter_name] = num_factors
+        self.rotation_side[adapter_name] = rotation_side
+        self.boft_constraint[adapter_name] = constraint
         self.reset_boft_parameters(adapter_name, init_weights)
         self._register_new_adapter(adapter_name, inference_mode)
 
@@ -134,7 +170,14 @@ class BOFTLayer(AdapterLayer):
 
     def rotation_blocks(self, adapter_name: str) -> torch.Tensor:
         """``(m, D, b, b)`` fp32 orthogonal blocks of every factor, from one batched Cayley solve."""
-        return cayley_exact(boft_generators(self.boft_R[adapter_name].float()))
+        generators = boft_generators(self.boft_R[adapter_name].float())
+        radius = lycoris_radius(
+            self.boft_constraint[adapter_name], self._side_features(self.rotation_side[adapter_name])
+        )
+        return cayley_exact(project_skew_jointly(generators, radius))
+
+    def _rotates_outputs(self, adapter_name: str) -> bool:
+        return self.rotation_side[adapter_name] == "output"
 
     def _forward_blocks(self, adapter_name: str) -> torch.Tensor:
         return self.boft_dropout[adapter_name](self.rotation_blocks(adapter_name))
@@ -150,7 +193,10 @@ class BOFTLayer(AdapterLayer):
         return scale.transpose(0, 1) if self.kind is LayerKind.CONV2D else scale
 
     def get_delta_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(M, s)``: the dense ``(d, d)`` rotation (``x ↦ x M``) and the ``(out, 1)`` output scale."""
+        """``(M, s)``: the dense ``(d, d)`` rotation (``x ↦ x M``, or ``y ↦ y M`` for the outputs on the output
+        side) and the ``(out, 1)`` output scale."""
+        if self._rotates_outputs(adapter_name):
+            return lycoris_butterfly_dense(self.rotation_blocks(adapter_name)), self._output_scale(adapter_name)
         rotation = butterfly_dense(self.rotation_blocks(adapter_name), self._permutation_index(adapter_name))
         return rotation, self._output_scale(adapter_name)
 
@@ -159,10 +205,15 @@ class BOFTLayer(AdapterLayer):
 
     def _merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         blocks = self.rotation_blocks(adapter_name)
+        if self._rotates_outputs(adapter_name):
+            return lycoris_butterfly_rotate_weight(weight, blocks, self._output_scale(adapter_name).float().flatten())
         rotated = butterfly_rotate_weight(weight, blocks, self._permutation_index(adapter_name))
         return rotated * self._output_scale(adapter_name).float()
 
     def _unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if self._rotates_outputs(adapter_name):
+            scale = self._output_scale(adapter_name).float().flatten()
+            return lycoris_butterfly_unrotate_weight(weight, self.rotation_blocks(adapter_name), scale)
         # The Cayley blocks are orthogonal to rounding, so Mᵀ is M's inverse: (W Mᵀ s) / s M = W.
         unscaled = weight / self._output_scale(adapter_name).float()
         blocks = self.rotation_blocks(adapter_name)
@@ -180,6 +231,8 @@ class Linear(BOFTLayer):
     """
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if any(self._rotates_outputs(name) for name in active):
+            return self._forward_with_output_rotations(x, active, *args, **kwargs)
         scale: torch.Tensor | None = None
         for name in reversed(active):  # the first active adapter sits next to the base layer
             blocks = self._forward_blocks(name).to(x.dtype)
@@ -196,6 +249,37 @@ class Linear(BOFTLayer):
         # (result - b) s + b, in one pass over the output.
         bias = bias.to(result.dtype)
         return torch.addcmul(bias - bias * scale, result, scale)
+
+    def _forward_with_output_rotations(
+        self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Forward with at least one output-side adapter: ``((x M_in) Wᵀ + b)`` then, in active order, each
+        adapter's left factor of the merged weight: ``⊙ s`` (input side) or ``M ⊙ s`` (output side).
+
+        The bias is not rotated or scaled (it is not in the merged weight): the chain is applied to the whole
+        output, bias included, and ``b - chain(b)`` added back, a vector-sized correction.
+        """
+        for name in reversed(active):  # right factors of W: the first active adapter next to the base layer
+            if not self._rotates_outputs(name):
+                blocks = self._forward_blocks(name).to(x.dtype)
+                x = butterfly_rotate_activations(x, blocks, self._permutation_index(name), row_major=False)
+        result = self._base_forward_on_rotated(x, *args, **kwargs)
+        bias = getattr(self.base_layer, "bias", None)
+        chained_bias = None if bias is None else bias.float()
+        for name in active:  # left factors of W, in merge order
+            scale = self.boft_s[name].flatten()
+            if self._rotates_outputs(name):
+                blocks = self._forward_blocks(name)  # one dropout draw for the output and the bias
+                result = lycoris_butterfly_rotate_activations(result, blocks.to(result.dtype), scale.to(result.dtype))
+                if chained_bias is not None:
+                    chained_bias = lycoris_butterfly_rotate_activations(chained_bias, blocks, scale.float())
+            else:
+                result = result * scale.to(result.dtype)
+                if chained_bias is not None:
+                    chained_bias = chained_bias * scale.float()
+        if bias is None:
+            return result
+        return result + (bias.float() - chained_bias).to(result.dtype)
 
 
 class Conv2d(BOFTLayer):
@@ -214,8 +298,12 @@ class Conv2d(BOFTLayer):
         weight = weight_matrix(base, self.kind)
         for name in active:  # merge order: the first active adapter is applied to W first
             blocks = self._forward_blocks(name).to(weight.dtype)
+            scale = self._output_scale(name).to(weight.dtype)
+            if self._rotates_outputs(name):
+                weight = lycoris_butterfly_rotate_weight(weight, blocks, scale.flatten())
+                continue
             weight = butterfly_rotate_weight(weight, blocks, self._permutation_index(name))
-            weight = weight * self._output_scale(name).to(weight.dtype)
+            weight = weight * scale
         return base._conv_forward(x, weight.reshape(base.weight.shape), base.bias)
 
 

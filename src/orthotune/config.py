@@ -27,11 +27,13 @@ from orthotune.validation import (
     check_bias,
     check_bool,
     check_coft_eps,
+    check_constraint,
     check_exactly_one,
     check_init_weights,
     check_int,
     check_peft_neumann_terms,
     check_probability,
+    check_rotation_side,
 )
 
 if TYPE_CHECKING:
@@ -65,6 +67,9 @@ class AdapterConfig:
 
     #: The method's name in peft's files (``"OFT"``); a subclass with one is registered for :meth:`from_dict`.
     PEFT_TYPE: ClassVar[str] = ""
+    #: Fields peft does not have; written to ``adapter_config.json`` only when not at their default, so that a
+    #: config peft can express is saved exactly as peft saves it.
+    _ORTHOTUNE_ONLY: ClassVar[tuple[str, ...]] = ()
     #: The method's own ``bias`` choice besides ``"none"`` and ``"all"`` (``"oft_only"``, ``"boft_only"``).
     _BIAS_ONLY: ClassVar[str] = ""
     #: peft's ``prefix`` of the method's parameter names (``"oft_"``).
@@ -147,8 +152,10 @@ class AdapterConfig:
         """The JSON-ready dict of ``adapter_config.json``, as peft 0.21.2 writes it."""
         data = dict(self.extra)
         for item in dataclasses.fields(self):
-            if item.name != "extra":
-                data[item.name] = copy.deepcopy(getattr(self, item.name))
+            value = getattr(self, item.name)
+            if item.name == "extra" or (item.name in self._ORTHOTUNE_ONLY and value == item.default):
+                continue
+            data[item.name] = copy.deepcopy(value)
         data["peft_version"] = PEFT_FORMAT_VERSION
         return data
 
@@ -238,11 +245,18 @@ class OFTConfig(AdapterConfig):
         task_type: peft's task type; ``"SEQ_CLS"`` and ``"TOKEN_CLS"`` add the classifier head to
             ``modules_to_save`` and ``"QUESTION_ANS"`` the ``qa_outputs`` head, as peft does.
         inference_mode: adapters are frozen.
+        rotation_side: ``"input"`` (peft's OFT: ``W ↦ W Rᵀ``) or ``"output"`` (LyCORIS's ``diag-oft``: the layer's
+            outputs are rotated before the bias, ``W ↦ s ⊙ (Rᵀ W)``); with ``"output"`` the blocks divide
+            ``out_features``. Not a peft field: written to files only when ``"output"``.
+        rescale: with ``rotation_side="output"``, a trainable per-output scale ``s`` (LyCORIS's ``rescaled``).
+        constraint: LyCORIS's ``alpha``: all of a layer's generators together within ``‖Q‖_F ≤ constraint · d``
+            (``d`` the rotated width); 0 for none.
     """
 
     PEFT_TYPE: ClassVar[str] = "OFT"
     _BIAS_ONLY: ClassVar[str] = "oft_only"
     prefix: ClassVar[str] = "oft_"
+    _ORTHOTUNE_ONLY: ClassVar[tuple[str, ...]] = ("rotation_side", "rescale", "constraint")
 
     r: int = 0
     oft_block_size: int | None = None
@@ -252,6 +266,9 @@ class OFTConfig(AdapterConfig):
     block_share: bool = False
     use_cayley_neumann: bool = True
     num_cayley_neumann_terms: int = 5
+    rotation_side: str = "input"
+    rescale: bool = False
+    constraint: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -266,6 +283,11 @@ class OFTConfig(AdapterConfig):
         check_int("num_cayley_neumann_terms", self.num_cayley_neumann_terms)
         if self.use_cayley_neumann:
             check_peft_neumann_terms(self.num_cayley_neumann_terms)
+        check_rotation_side(self.rotation_side)
+        check_bool("rescale", self.rescale)
+        if self.rescale and self.rotation_side != "output":
+            raise ValueError("rescale=True scales the rotated outputs; it needs rotation_side='output'")
+        check_constraint(self.constraint)
 
     def layer_kwargs(self) -> dict[str, Any]:
         return {
@@ -279,6 +301,9 @@ class OFTConfig(AdapterConfig):
             "use_cayley_neumann": self.use_cayley_neumann,
             "num_cayley_neumann_terms": self.num_cayley_neumann_terms,
             "inference_mode": self.inference_mode,
+            "rotation_side": self.rotation_side,
+            "rescale": self.rescale,
+            "constraint": self.constraint,
         }
 
     def layer_class(self, kind: LayerKind) -> type[AdapterLayer]:
@@ -299,6 +324,9 @@ class BOFTConfig(AdapterConfig):
             ``m > 1`` works on every device.
         boft_dropout: multiplicative dropout: the fraction of one factor's blocks set to the identity per step.
         bias: ``"none"``, ``"all"`` or ``"boft_only"``.
+        rotation_side: ``"input"`` (peft's BOFT) or ``"output"`` (LyCORIS's ``boft``: its butterfly, which
+            interleaves every stage including the first, on the layer's outputs; ``boft_s`` is its ``rescale``).
+        constraint: LyCORIS's ``alpha``, as in :class:`OFTConfig`, over the generators of all factors.
 
     The other fields mean what they mean in :class:`OFTConfig`.
     """
@@ -306,11 +334,14 @@ class BOFTConfig(AdapterConfig):
     PEFT_TYPE: ClassVar[str] = "BOFT"
     _BIAS_ONLY: ClassVar[str] = "boft_only"
     prefix: ClassVar[str] = "boft_"
+    _ORTHOTUNE_ONLY: ClassVar[tuple[str, ...]] = ("rotation_side", "constraint")
 
     boft_block_size: int = 4
     boft_block_num: int = 0
     boft_n_butterfly_factor: int = 1
     boft_dropout: float = 0.0
+    rotation_side: str = "input"
+    constraint: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -319,6 +350,8 @@ class BOFTConfig(AdapterConfig):
         )
         check_int("boft_n_butterfly_factor", self.boft_n_butterfly_factor, minimum=1)
         check_probability("boft_dropout", self.boft_dropout)
+        check_rotation_side(self.rotation_side)
+        check_constraint(self.constraint)
 
     def layer_kwargs(self) -> dict[str, Any]:
         return {
@@ -328,6 +361,8 @@ class BOFTConfig(AdapterConfig):
             "boft_dropout": self.boft_dropout,
             "init_weights": self.init_weights,
             "inference_mode": self.inference_mode,
+            "rotation_side": self.rotation_side,
+            "constraint": self.constraint,
         }
 
     def layer_class(self, kind: LayerKind) -> type[AdapterLayer]:

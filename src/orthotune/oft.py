@@ -10,6 +10,13 @@ The layers keep peft 0.21.2's names, constructor arguments, defaults and paramet
 (``oft_R[name].weight`` of shape ``(r, b(b-1)/2)``), and differ where peft is wrong: both Cayley modes mean
 the same rotation, several adapters compose in the same order in forward and merge, ``module_dropout`` is
 applied, COFT does not write into parameters during forward, and Conv2d's forward equals its merged layer.
+
+``rotation_side="output"`` rotates what a layer writes instead (LyCORIS's ``diag-oft``), before the bias, with an
+optional trainable per-output scale ``s`` (``rescale``)::
+
+    x ──► base layer (frozen W) ──► (x Wᵀ) R ⊙ s + b      merged:  W ↦ s ⊙ (Rᵀ W)
+
+The blocks then divide ``out_features`` (output channels for Conv2d).
 """
 
 from __future__ import annotations
@@ -29,16 +36,27 @@ from orthotune.functional import (
     cayley_transform,
     drop_blocks_to_identity,
     drop_factor_blocks_to_identity,
+    lycoris_radius,
     neumann_norm_bound,
     packed_size,
     project_coft,
+    project_packed_jointly,
     rotate_activations,
+    rotate_outputs,
     rotate_weight,
+    rotate_weight_outputs,
     skew_from_packed,
     unrotate_weight,
+    unrotate_weight_outputs,
 )
 from orthotune.functional.cayley import check_neumann_terms
-from orthotune.validation import check_coft_eps, check_init_weights, check_probability
+from orthotune.validation import (
+    check_coft_eps,
+    check_constraint,
+    check_init_weights,
+    check_probability,
+    check_rotation_side,
+)
 
 __all__ = [
     "Conv2d",
@@ -92,10 +110,16 @@ class OFTRotationModule(nn.Module):
         coft, eps: constrain each generator to ``‖Q‖_F ≤ eps/√r`` (``eps`` with one shared block).
         block_share: one block repeated ``d / b`` times.
         use_cayley_neumann, num_cayley_neumann_terms: Cayley-Neumann series instead of the exact solve.
+        constraint: LyCORIS's ``alpha``: all generators together within ``‖Q‖_F ≤ constraint · in_features``
+            (after the COFT projection, if any); 0 for none.
+        rotation_side: ``"input"`` (the features a layer reads) or ``"output"`` (what it writes; then
+            ``in_features`` is the layer's ``out_features``).
+        rescale: on the output side, a trainable per-output scale ``s`` (LyCORIS's ``rescale``).
 
     Attributes:
         weight: ``(r, b(b-1)/2)``, the strict upper triangles of the skew generators, row-major in
             ``torch.triu_indices(b, b, 1)`` order (peft's layout).
+        rescale: ``(in_features,)`` output scale, or ``None``.
     """
 
     def __init__(
@@ -109,6 +133,9 @@ class OFTRotationModule(nn.Module):
         block_share: bool = False,
         use_cayley_neumann: bool = False,
         num_cayley_neumann_terms: int = 5,
+        constraint: float = 0.0,
+        rotation_side: str = "input",
+        rescale: bool = False,
     ) -> None:
         super().__init__()
         if n_elements != packed_size(block_size):
@@ -122,7 +149,10 @@ class OFTRotationModule(nn.Module):
         self.block_share = block_share
         self.use_cayley_neumann = use_cayley_neumann
         self.num_cayley_neumann_terms = num_cayley_neumann_terms
+        self.constraint = constraint
+        self.rotation_side = rotation_side
         self.weight = nn.Parameter(torch.zeros(r, n_elements))
+        self.rescale = nn.Parameter(torch.ones(in_features)) if rescale else None
         self._calls = 0
         self._warned_neumann = False
 
@@ -132,9 +162,12 @@ class OFTRotationModule(nn.Module):
         return self.in_features // self.block_size
 
     def packed_generators(self) -> torch.Tensor:
-        """``(r, b(b-1)/2)`` packed generators in fp32 as the rotation uses them (COFT-projected when ``coft``)."""
+        """``(r, b(b-1)/2)`` packed generators in fp32 as the rotation uses them (COFT-projected when ``coft``,
+        then held within LyCORIS's joint bound when ``constraint``)."""
         packed = self.weight.float()
-        return project_coft(packed, self.eps) if self.coft else packed
+        if self.coft:
+            packed = project_coft(packed, self.eps)
+        return project_packed_jointly(packed, lycoris_radius(self.constraint, self.in_features))
 
     def generators(self) -> torch.Tensor:
         """``(r, b, b)`` skew generators in fp32, after the COFT projection when ``coft``."""
@@ -179,6 +212,12 @@ class OFTRotationModule(nn.Module):
         return (
             f"r={self.r}, block_size={self.block_size}, in_features={self.in_features}, cayley={mode}, "
             f"coft={self.coft}, block_share={self.block_share}"
+            + (f", constraint={self.constraint}" if self.constraint else "")
+            + (
+                f", rotation_side={self.rotation_side!r}, rescale={self.rescale is not None}"
+                if self.rotation_side == "output"
+                else ""
+            )
         )
 
 
@@ -224,9 +263,17 @@ class OFTLayer(AdapterLayer):
         use_cayley_neumann: bool = False,
         num_cayley_neumann_terms: int = 5,
         inference_mode: bool = False,
+        rotation_side: str = "input",
+        rescale: bool = False,
+        constraint: float = 0.0,
         **kwargs: Any,
     ) -> None:
-        """Add (or replace) the adapter ``adapter_name`` with trainable rotation parameters."""
+        """Add (or replace) the adapter ``adapter_name`` with trainable rotation parameters.
+
+        ``rotation_side="output"`` rotates the layer's outputs (blocks dividing ``out_features``), ``rescale``
+        adds a per-output scale there, and ``constraint`` is LyCORIS's joint bound (see
+        :class:`OFTRotationModule`).
+        """
         if kwargs:
             raise TypeError(f"unexpected OFT arguments {sorted(kwargs)}; see orthotune.oft.OFTLayer.update_layer")
         check_init_weights(init_weights)
@@ -235,17 +282,31 @@ class OFTLayer(AdapterLayer):
             check_neumann_terms(num_cayley_neumann_terms)
         if coft:
             check_coft_eps(eps)
-        r, block_size = resolve_oft_blocks(self.rotated_features, r, oft_block_size, stacklevel=3)
+        check_rotation_side(rotation_side)
+        check_constraint(constraint)
+        output_side = rotation_side == "output"
+        if output_side and self.kind is LayerKind.EMBEDDING:
+            raise ValueError(
+                "rotation_side='output' is not for nn.Embedding: OFT on an embedding already rotates the features "
+                "it outputs; use rotation_side='input'"
+            )
+        if rescale and not output_side:
+            raise ValueError("rescale=True scales the rotated outputs; it needs rotation_side='output'")
+        features = self.out_features if output_side else self.rotated_features
+        r, block_size = resolve_oft_blocks(features, r, oft_block_size, stacklevel=3)
         rotation = OFTRotationModule(
             1 if block_share else r,
             packed_size(block_size),
             block_size,
-            self.rotated_features,
+            features,
             coft=coft,
             eps=eps,
             block_share=block_share,
             use_cayley_neumann=use_cayley_neumann,
             num_cayley_neumann_terms=num_cayley_neumann_terms,
+            constraint=constraint,
+            rotation_side=rotation_side,
+            rescale=rescale,
         )
         self.oft_R[adapter_name] = rotation.to(self._adapter_device())
         self.oft_dropout[adapter_name] = MultiplicativeDropoutLayer(module_dropout)
@@ -254,7 +315,8 @@ class OFTLayer(AdapterLayer):
         self.reset_oft_parameters(adapter_name, init_weights)
         self._register_new_adapter(adapter_name, inference_mode)
 
-    def _rotation(self, adapter_name: str) -> OFTRotationModule:
+    def rotation_module(self, adapter_name: str) -> OFTRotationModule:
+        """The parameters and settings of one adapter (``oft_R[adapter_name]``, typed)."""
         rotation = self.oft_R[adapter_name]
         assert isinstance(rotation, OFTRotationModule)
         return rotation
@@ -265,40 +327,85 @@ class OFTLayer(AdapterLayer):
         return dropout
 
     def reset_oft_parameters(self, adapter_name: str, init_weights: bool) -> None:
-        """``True``: zeros (the identity rotation). ``False``: small random generators, N(0, 0.1²)."""
+        """``True``: zeros (the identity rotation), unit scale. ``False``: small random generators, N(0, 0.1²),
+        and scales N(1, 0.1²) (BOFT's rule for its scale)."""
         check_init_weights(init_weights)
-        weight = self._rotation(adapter_name).weight
+        rotation = self.rotation_module(adapter_name)
+        weight, scale = rotation.weight, rotation.rescale
         if init_weights:
             nn.init.zeros_(weight)
+            if scale is not None:
+                nn.init.ones_(scale)
         else:
             nn.init.normal_(weight, mean=0.0, std=0.1)
+            if scale is not None:
+                nn.init.normal_(scale, mean=1.0, std=0.1)
 
     def _rotation_blocks(self, adapter_name: str) -> torch.Tensor:
         """fp32 blocks as forward uses them: dropout applied in training, shared blocks repeated only then."""
-        rotation = self._rotation(adapter_name)
+        rotation = self.rotation_module(adapter_name)
         blocks = rotation.rotation_blocks()
         dropout = self._dropout(adapter_name)
         if dropout.training and dropout.p > 0:
             blocks = dropout(blocks.expand(rotation.num_blocks, -1, -1))
         return blocks
 
+    def _output_scale(self, adapter_name: str) -> torch.Tensor | None:
+        """The ``(out_features,)`` scale of an output-side adapter made with ``rescale=True``, else ``None``."""
+        return self.rotation_module(adapter_name).rescale
+
+    def _rotates_outputs(self, adapter_name: str) -> bool:
+        return self.rotation_module(adapter_name).rotation_side == "output"
+
+    def _rotate_layer_outputs(self, result: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """``(y R_a ⊙ s_a) R_b ⊙ s_b … + b`` for the output-side adapters ``names`` (in active order).
+
+        ``result`` is the base layer's output, bias included. The bias is not rotated (it is not in the merged
+        weight ``s ⊙ Rᵀ W``), so the rotated bias is replaced by the bias: rotating the whole output and adding
+        ``b - chain(b)`` costs one vector-sized product, where removing the bias first would cost a pass over
+        the output, and works for any base layer (a quantized one, say).
+        """
+        bias = getattr(self.base_layer, "bias", None)
+        rotated_bias = None if bias is None else bias.float()
+        for name in names:
+            blocks = self._rotation_blocks(name)  # fp32; the same dropout draw for the output and the bias
+            scale = self._output_scale(name)
+            result = rotate_outputs(result, blocks.to(result.dtype), None if scale is None else scale.to(result.dtype))
+            if rotated_bias is not None:
+                rotated_bias = rotate_outputs(rotated_bias, blocks, None if scale is None else scale.float())
+        if bias is None:
+            return result
+        return result + (bias.float() - rotated_bias).to(result.dtype)
+
     def _weight_blocks(self, adapter_name: str) -> torch.Tensor:
         """Blocks ``B`` with merged weight ``W Bᵀ``: ``R`` for a layer that reads features, ``Rᵀ`` for an embedding."""
-        blocks = self._rotation(adapter_name).rotation_blocks()
+        blocks = self.rotation_module(adapter_name).rotation_blocks()
         return blocks.transpose(-1, -2) if self.rotates_output else blocks
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The dense ``(d, d)`` rotation ``R`` of one adapter (activations map as ``x ↦ x R``)."""
-        return self._rotation(adapter_name).get_weight()
+        return self.rotation_module(adapter_name).get_weight()
 
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         key = "oft_embedding_R" if self.kind is LayerKind.EMBEDDING else "oft_R"
-        return {f"{key}.weight": self._rotation(adapter_name).weight}
+        rotation = self.rotation_module(adapter_name)
+        tensors: dict[str, torch.Tensor] = {f"{key}.weight": rotation.weight}
+        if rotation.rescale is not None:  # an output-side adapter's scale (not a peft key)
+            tensors[f"{key}.rescale"] = rotation.rescale
+        return tensors
 
     def _merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if self._rotates_outputs(adapter_name):
+            scale = self._output_scale(adapter_name)
+            blocks = self.rotation_module(adapter_name).rotation_blocks()
+            return rotate_weight_outputs(weight, blocks, None if scale is None else scale.float())
         return rotate_weight(weight, self._weight_blocks(adapter_name))
 
     def _unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if self._rotates_outputs(adapter_name):
+            scale = self._output_scale(adapter_name)
+            blocks = self.rotation_module(adapter_name).rotation_blocks()
+            return unrotate_weight_outputs(weight, blocks, None if scale is None else scale.float())
         return unrotate_weight(weight, self._weight_blocks(adapter_name))
 
     def __repr__(self) -> str:
@@ -315,13 +422,19 @@ class Linear(OFTLayer):
     """
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        for name in reversed(active):  # the first active adapter sits next to the base layer
-            x = rotate_activations(x, self._rotation_blocks(name).to(x.dtype), row_major=False)
-        return self._base_forward_on_rotated(x, *args, **kwargs)
+        # The first active adapter sits next to the base layer on either side. Input and output rotations
+        # multiply W from opposite sides, so they commute and their merges may interleave in any order.
+        for name in reversed(active):
+            if not self._rotates_outputs(name):
+                x = rotate_activations(x, self._rotation_blocks(name).to(x.dtype), row_major=False)
+        result = self._base_forward_on_rotated(x, *args, **kwargs)
+        outputs = [name for name in active if self._rotates_outputs(name)]
+        return self._rotate_layer_outputs(result, outputs) if outputs else result
 
 
 class Conv2d(OFTLayer):
-    """OFT on ``nn.Conv2d`` (``groups=1``): rotates the ``in_channels·kh·kw`` features of every patch.
+    """OFT on ``nn.Conv2d`` (``groups=1``): rotates the ``in_channels·kh·kw`` features of every patch, or with
+    ``rotation_side="output"`` the output channels (``W ↦ s ⊙ Rᵀ W``, rows of the flattened weight).
 
     Forward rotates the weight (``W ↦ W Rᵀ``, ``out·d·b`` multiply-adds, no ``d × d`` matrix) and runs the
     base convolution with it, so stride, padding, padding mode, dilation and non-square kernels behave exactly
@@ -336,7 +449,12 @@ class Conv2d(OFTLayer):
         base: Any = self.base_layer
         weight = weight_matrix(base, self.kind)
         for name in active:  # merge order: the first active adapter is applied to W first
-            weight = rotate_weight(weight, self._rotation_blocks(name).to(weight.dtype))
+            blocks = self._rotation_blocks(name).to(weight.dtype)
+            if self._rotates_outputs(name):
+                scale = self._output_scale(name)
+                weight = rotate_weight_outputs(weight, blocks, None if scale is None else scale.to(weight.dtype))
+            else:
+                weight = rotate_weight(weight, blocks)
         return base._conv_forward(x, weight.reshape(base.weight.shape), base.bias)
 
 

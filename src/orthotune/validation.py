@@ -19,7 +19,10 @@ __all__ = [
     "check_init_weights",
     "check_int",
     "check_peft_neumann_terms",
+    "check_constraint",
     "check_probability",
+    "check_rotation_side",
+    "ROTATION_SIDES",
 ]
 
 #: The fewest Cayley-Neumann terms an adapter *file* may use: with fewer, peft's series is another polynomial
@@ -85,4 +88,27 @@ def check_exactly_one(count: tuple[str, int], size: tuple[str, int], example: st
         raise ValueError(
             f"{count_name}={count_value} and {size_name}={size_value}: set only one, since their product is the "
             f"layer width; e.g. {example}"
+        )
+
+
+#: Which features an adapter rotates: the layer's ``"input"`` (peft's OFT and BOFT, ``W ↦ W Rᵀ``) or its
+#: ``"output"`` (LyCORIS's ``diag-oft`` and ``boft``, ``W ↦ s ⊙ (Rᵀ W)``).
+ROTATION_SIDES = ("input", "output")
+
+
+def check_rotation_side(value: Any) -> None:
+    """``rotation_side`` is one of :data:`ROTATION_SIDES`."""
+    if value not in ROTATION_SIDES:
+        raise ValueError(
+            f"rotation_side={value!r} must be 'input' (rotate what the layer reads, as peft) or 'output' (rotate "
+            "what it writes, as LyCORIS's diag-oft and boft)"
+        )
+
+
+def check_constraint(value: Any) -> None:
+    """LyCORIS's ``constraint`` (its ``alpha``): a number ≥ 0, 0 meaning no constraint."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(
+            f"constraint={value!r} must be a number ≥ 0: all of a layer's generators together are kept within "
+            "‖Q‖_F ≤ constraint · features (LyCORIS's alpha); 0 turns it off"
         )

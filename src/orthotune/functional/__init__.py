@@ -5,6 +5,7 @@
 - :mod:`~orthotune.functional.coft`: the COFT projection.
 - :mod:`~orthotune.functional.rotate`: block-diagonal rotations of activations and of weights.
 - :mod:`~orthotune.functional.butterfly`: BOFT's butterfly permutations and products.
+- :mod:`~orthotune.functional.lycoris_butterfly`: LyCORIS's butterfly, which rotates a layer's outputs.
 - :mod:`~orthotune.functional.dropout`: multiplicative (block-to-identity) dropout.
 - :mod:`~orthotune.functional.householder`: HRA's products of Householder reflections (compact WY form).
 """
@@ -19,12 +20,21 @@ from orthotune.functional.butterfly import (
 from orthotune.functional.cayley import (
     NEUMANN_WARN_NORM,
     cayley_exact,
+    cayley_inverse,
     cayley_neumann,
     cayley_transform,
     neumann_norm_bound,
     orthogonality_error,
 )
-from orthotune.functional.coft import coft_radius, project_coft, project_to_ball
+from orthotune.functional.coft import (
+    LYCORIS_NORM_EPS,
+    coft_radius,
+    lycoris_radius,
+    project_coft,
+    project_packed_jointly,
+    project_skew_jointly,
+    project_to_ball,
+)
 from orthotune.functional.dropout import drop_blocks_to_identity, drop_factor_blocks_to_identity
 from orthotune.functional.householder import (
     householder_compose,
@@ -36,7 +46,24 @@ from orthotune.functional.householder import (
     householder_unrotate_weight,
     householder_wy,
 )
-from orthotune.functional.rotate import block_diagonal, rotate_activations, rotate_weight, unrotate_weight
+from orthotune.functional.lycoris_butterfly import (
+    lycoris_butterfly_dense,
+    lycoris_butterfly_fits,
+    lycoris_butterfly_max_factors,
+    lycoris_butterfly_rotate_activations,
+    lycoris_butterfly_rotate_weight,
+    lycoris_butterfly_unrotate_activations,
+    lycoris_butterfly_unrotate_weight,
+)
+from orthotune.functional.rotate import (
+    block_diagonal,
+    rotate_activations,
+    rotate_outputs,
+    rotate_weight,
+    rotate_weight_outputs,
+    unrotate_weight,
+    unrotate_weight_outputs,
+)
 from orthotune.functional.skew import (
     block_size_from_packed,
     boft_generators,
@@ -47,6 +74,7 @@ from orthotune.functional.skew import (
 )
 
 __all__ = [
+    "LYCORIS_NORM_EPS",
     "NEUMANN_WARN_NORM",
     "block_diagonal",
     "block_size_from_packed",
@@ -58,6 +86,7 @@ __all__ = [
     "butterfly_rotate_weight",
     "cayley_transform",
     "cayley_exact",
+    "cayley_inverse",
     "cayley_neumann",
     "coft_radius",
     "drop_blocks_to_identity",
@@ -70,15 +99,28 @@ __all__ = [
     "householder_unit_vectors",
     "householder_unrotate_weight",
     "householder_wy",
+    "lycoris_butterfly_dense",
+    "lycoris_butterfly_fits",
+    "lycoris_butterfly_max_factors",
+    "lycoris_butterfly_rotate_activations",
+    "lycoris_butterfly_rotate_weight",
+    "lycoris_butterfly_unrotate_activations",
+    "lycoris_butterfly_unrotate_weight",
+    "lycoris_radius",
     "neumann_norm_bound",
     "orthogonality_error",
     "packed_from_skew",
     "packed_size",
     "project_coft",
+    "project_packed_jointly",
+    "project_skew_jointly",
     "project_to_ball",
     "rotate_activations",
+    "rotate_outputs",
     "rotate_weight",
+    "rotate_weight_outputs",
     "skew_from_packed",
     "skew_part",
     "unrotate_weight",
+    "unrotate_weight_outputs",
 ]

@@ -156,6 +156,35 @@ def cayley_transform(q: torch.Tensor, use_neumann: bool = False, num_neumann_ter
     return cayley_neumann(q, num_neumann_terms) if use_neumann else cayley_exact(q)
 
 
+def cayley_inverse(rotation: torch.Tensor) -> torch.Tensor:
+    """The generator ``Q = (R - I)(R + I)⁻¹`` of a rotation, so that ``cayley_exact(Q) == R``.
+
+    From ``R(I - Q) = I + Q``: ``(I + R)Q = R - I``, solved with one ``torch.linalg.solve`` in float64 (where the
+    device has it). ``R + I`` and ``R - I`` commute, so the order of the product does not matter. For an
+    orthogonal ``R`` the result is skew-symmetric; for a nearly orthogonal one (a rotation stored in half
+    precision) take :func:`~orthotune.functional.skew.skew_part` of it.
+
+    Args:
+        rotation: ``(..., b, b)`` orthogonal, without the eigenvalue ``-1`` (a half turn in some plane has no
+            Cayley generator: ``R + I`` is singular there).
+
+    Returns:
+        ``(..., b, b)`` in the dtype of ``rotation``.
+
+    Raises:
+        ValueError: if ``R + I`` is singular for some block.
+    """
+    work = rotation.to(_solve_dtype(rotation))
+    eye = _identity_like(work)
+    generator, info = torch.linalg.solve_ex(eye + work, work - eye)
+    if bool((info != 0).any()) or not bool(torch.isfinite(generator).all()):
+        raise ValueError(
+            "rotation has the eigenvalue -1 in some block (R + I is singular), so it is not the Cayley transform "
+            "of any generator; such a block cannot be represented as an OFT adapter"
+        )
+    return generator.to(rotation.dtype)
+
+
 def neumann_norm_bound(packed: torch.Tensor) -> torch.Tensor:
     """Upper bound on ``‖Q‖₂`` per block, from packed generators ``(..., b(b-1)/2)``.
 

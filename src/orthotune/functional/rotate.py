@@ -7,6 +7,11 @@ A block-diagonal rotation ``R = diag(R_1, …, R_D)`` of ``D`` blocks of size ``
 For a linear layer ``y = x Wᵀ`` (``W`` of shape ``(out, d)``) the input-centric form ``y = (x R) Wᵀ`` costs
 ``n·d·b`` extra multiply-adds per ``n`` tokens, against ``n·d·out`` for the layer itself; the equivalent
 weight-centric form ``W ↦ W Rᵀ`` (used for merging) costs ``out·d·b``.
+
+A rotation of a layer's *outputs* (LyCORIS's ``diag-oft``), with an optional per-output scale ``s``, is the same
+product on the other side: the outputs ``y = x Wᵀ`` become ``(y R) ⊙ s``, which is an activation rotation of
+``y`` (:func:`rotate_outputs`), and the weight merges as ``W ↦ s ⊙ (Rᵀ W)``, ``s`` scaling rows
+(:func:`rotate_weight_outputs`): ``x (s ⊙ Rᵀ W)ᵀ = (x Wᵀ R) ⊙ s``.
 """
 
 from __future__ import annotations
@@ -143,3 +148,65 @@ def block_diagonal(blocks: torch.Tensor, num_blocks: int | None = None) -> torch
         num_blocks = blocks.shape[0]
     eye = torch.eye(num_blocks * blocks.shape[-1], dtype=blocks.dtype, device=blocks.device)
     return rotate_activations(eye, blocks)
+
+
+def _scaled_blocks(blocks: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Blocks of ``R diag(s)``: scaling the outputs of a block product scales the columns of each block."""
+    if scale is None:
+        return blocks
+    block_size = blocks.shape[-1]
+    num_blocks = scale.shape[-1] // block_size
+    return blocks.expand(num_blocks, -1, -1) * scale.reshape(num_blocks, 1, block_size)
+
+
+def rotate_outputs(y: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``(y R) ⊙ s``: rotate a layer's outputs by a block-diagonal ``R``, then scale each output.
+
+    The same product as :func:`rotate_activations` (the scale is folded into the blocks' columns), returned
+    row-major, since what reads a layer's outputs may assume that layout.
+
+    Args:
+        y: ``(..., D·b)`` outputs of a layer.
+        blocks: ``(D, b, b)``, or ``(1, b, b)`` for one block shared over the width, in the dtype of ``y``.
+        scale: ``(D·b,)`` per-output scale ``s``, or ``None``.
+
+    Returns:
+        ``(..., D·b)``, contiguous.
+    """
+    return rotate_activations(y, _scaled_blocks(blocks, scale), row_major=True)
+
+
+def rotate_weight_outputs(
+    weight: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``s ⊙ (Rᵀ W)``: merge an output rotation (and scale) into a weight used as ``y = x Wᵀ``.
+
+    Args:
+        weight: ``(D·b, d)``, one row per output (a Conv2d weight flattened to ``(out, in·kh·kw)``).
+        blocks: ``(D, b, b)`` or ``(1, b, b)``.
+        scale: ``(D·b,)`` or ``None``.
+
+    Returns:
+        ``(D·b, d)`` such that ``x (s ⊙ Rᵀ W)ᵀ == rotate_outputs(x Wᵀ, R, s)``.
+    """
+    outputs, features = weight.shape
+    block_size = blocks.shape[-1]
+    by_block = weight.reshape(outputs // block_size, block_size, features)
+    rotated = torch.matmul(_scaled_blocks(blocks, scale).transpose(-1, -2), by_block)
+    return rotated.reshape(outputs, features)
+
+
+def unrotate_weight_outputs(
+    weight: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Inverse of :func:`rotate_weight_outputs`: ``(Rᵀ)⁻¹ (W' / s)``, by a linear solve per block.
+
+    A solve rather than ``R W' / s`` keeps unmerge exact also for the slightly non-orthogonal rotations of a
+    truncated Neumann series.
+    """
+    outputs, features = weight.shape
+    block_size = blocks.shape[-1]
+    if scale is not None:
+        weight = weight / scale.reshape(outputs, 1)
+    by_block = weight.reshape(outputs // block_size, block_size, features)
+    return torch.linalg.solve(blocks.transpose(-1, -2), by_block).reshape(outputs, features)
