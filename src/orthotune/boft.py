@@ -35,6 +35,9 @@ from orthotune.functional import (
     butterfly_rotate_activations,
     butterfly_rotate_weight,
     cayley_exact,
+    composed_generator,
+    output_scale_at_strength,
+    rotation_at_strength,
 )
 from orthotune.oft import MultiplicativeDropoutLayer, _check_dropout, _checked_fan_in_fan_out
 
@@ -173,8 +176,9 @@ class BOFTLayer(AdapterLayer):
             nn.init.normal_(self.boft_s[adapter_name], mean=1.0, std=0.1)
 
     def rotation_blocks(self, adapter_name: str) -> torch.Tensor:
-        """``(m, D, b, b)`` fp32 orthogonal blocks of every factor, from one batched Cayley solve."""
-        return cayley_exact(boft_generators(self.boft_R[adapter_name].float()))
+        """``(m, D, b, b)`` fp32 orthogonal blocks ``R_i(t·Q_i)`` of every factor at the adapter's strength ``t``,
+        from one batched Cayley solve."""
+        return rotation_at_strength(boft_generators(self.boft_R[adapter_name].float()), self.strength(adapter_name))
 
     def _forward_blocks(self, adapter_name: str) -> torch.Tensor:
         return self.boft_dropout[adapter_name](self.rotation_blocks(adapter_name))
@@ -183,12 +187,13 @@ class BOFTLayer(AdapterLayer):
         return self.boft_permutations[adapter_name].index
 
     def _output_scale(self, adapter_name: str) -> torch.Tensor:
-        """``(out, 1)`` scale, whatever the stored layout."""
-        scale = self.boft_s[adapter_name]
+        """``(out, 1)`` scale ``s^t`` at the adapter's strength ``t``, whatever the stored layout."""
+        scale = output_scale_at_strength(self.boft_s[adapter_name], self.strength(adapter_name))
         return scale.transpose(0, 1) if self.kind is LayerKind.CONV2D else scale
 
     def get_delta_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(M, s)``: the dense ``(d, d)`` rotation (``x ↦ x M``) and the ``(out, 1)`` output scale."""
+        """``(M, s)`` at the adapter's strength: the dense ``(d, d)`` rotation (``x ↦ x M``) and the ``(out, 1)``
+        output scale."""
         rotation = butterfly_dense(self.rotation_blocks(adapter_name), self._permutation_index(adapter_name))
         return rotation, self._output_scale(adapter_name)
 
@@ -202,6 +207,51 @@ class BOFTLayer(AdapterLayer):
         unscaled = weight / self._output_scale(adapter_name).float()
         blocks = self.rotation_blocks(adapter_name)
         return butterfly_rotate_activations(unscaled, blocks, self._permutation_index(adapter_name))
+
+    def composed_parameters(self, adapter_names: list[str], strengths: list[float]) -> dict[str, torch.Tensor]:
+        """``boft_R`` and ``boft_s`` of the one adapter that equals ``adapter_names`` active together, at
+        ``strengths``.
+
+        With one butterfly factor each adapter is a block-diagonal rotation and an output scale: the blocks
+        multiply (in the order this layer applies them: the last active adapter first on the input) into one
+        block-diagonal rotation, whose generator is the inverse Cayley transform of the product, and the scales
+        ``s_i^{t_i}`` multiply. With ``m > 1`` factors a product of butterfly products is not one butterfly
+        product, so only a single source (an adapter at another strength: ``R_i(t·Q_i)`` per factor) is exact.
+
+        Returns:
+            ``{"boft_R": (m, D, b, b), "boft_s": as stored}``, float32; ``boft_R`` holds ``A = -Q``, whose
+            generator ``(Aᵀ - A)/2`` is ``Q``.
+
+        Raises:
+            ValueError: if the sources differ in block structure or factor count (naming them), several sources
+                have ``m > 1``, or the product turns some plane by 180°.
+        """
+        structure = {
+            name: (self.boft_n_butterfly_factor[name], self.boft_block_num[name], self.boft_block_size[name])
+            for name in adapter_names
+        }
+        if len(set(structure.values())) > 1:
+            described = {name: f"m={m}, {num} blocks of {size}" for name, (m, num, size) in structure.items()}
+            raise ValueError(
+                f"cannot compose BOFT adapters of different structure {described} in one layer; compose adapters "
+                "with the same boft_block_size, boft_block_num and boft_n_butterfly_factor"
+            )
+        factors = structure[adapter_names[0]][0]
+        if factors > 1 and len(adapter_names) > 1:
+            raise ValueError(
+                f"cannot compose BOFT adapters {adapter_names} with boft_n_butterfly_factor={factors}: a product of "
+                "butterfly products is not a single butterfly product, so no BOFT adapter equals them; only "
+                "adapters with one factor (boft_n_butterfly_factor=1) compose exactly"
+            )
+        rotations = [
+            cayley_exact(strength * boft_generators(self.boft_R[name].double()))
+            for name, strength in zip(adapter_names, strengths, strict=True)
+        ]
+        generator = composed_generator(rotations[::-1])  # x M_last ⋯ M_first: the last active adapter acts first
+        scale = torch.ones_like(self.boft_s[adapter_names[0]])
+        for name, strength in zip(adapter_names, strengths, strict=True):
+            scale = scale * output_scale_at_strength(self.boft_s[name].detach(), strength)
+        return {"boft_R": (-generator).float(), "boft_s": scale.float()}
 
     def __repr__(self) -> str:
         return "boft." + super().__repr__()
@@ -250,7 +300,7 @@ class Linear(_BOFTConstructor):
         for name in reversed(active):  # the first active adapter sits next to the base layer
             blocks = self._forward_blocks(name).to(x.dtype)
             x = butterfly_rotate_activations(x, blocks, self._permutation_index(name), row_major=False)
-            adapter_scale = self.boft_s[name].squeeze(-1)
+            adapter_scale = self._output_scale(name).squeeze(-1)
             scale = adapter_scale if scale is None else scale * adapter_scale
         result = self._base_forward_on_rotated(x, *args, **kwargs)
         assert scale is not None

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import logging
+import math
 import os
 import re
 import warnings
@@ -568,6 +570,117 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         remaining = [name for name in self._active_adapters if name != adapter_name]
         self._active_adapters = remaining or list(self.peft_config)[:1]
         self._apply_active_adapters()
+
+    # ----------------------------------------------------------------------------------------- strength
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """Apply ``adapter_name`` at strength ``scale`` in every layer it adapts: its rotations become ``R(t·Q)``.
+
+        0 gives the base model, 1 the trained adapter, -1 its inverse rotation (for BOFT with one butterfly
+        factor; with more, the product of the inverse factors in the same order), 2 twice as far along the
+        Cayley curve ``t ↦ R(t·Q)``; see :mod:`orthotune.functional.strength`. BOFT's output scale becomes
+        ``s^t``. Forward and merge both use the strength; a merged adapter must be unmerged first.
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter_name={adapter_name!r}: this model has adapters {list(self.peft_config)}")
+        layers = [layer for _, layer in self._adapter_layers() if adapter_name in layer.adapter_names]
+        for layer in layers:  # every layer accepts the value before any changes
+            layer.check_strength(adapter_name, scale)
+        for layer in layers:
+            layer.set_scale(adapter_name, scale)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
+        """Add ``adapter_name``: one adapter equal to ``adapters`` active together, each at its weight as strength.
+
+        The new adapter gives the outputs of ``set_adapter(adapters)`` with each adapter's strength multiplied by
+        its weight (as peft's LoRA ``add_weighted_adapter`` folds in ``scaling``). Per layer, the sources' exact
+        rotations ``R(w·t·Q)`` are multiplied block by block in the order the layer applies them, and the
+        product's generator is its inverse Cayley transform (:func:`~orthotune.functional.cayley_inverse`): an
+        exact, not an averaged, composition. The new adapter is in exact Cayley mode without COFT (sources in
+        Cayley-Neumann mode contribute the exact rotations their parameters stand for; the result generally
+        lies outside a COFT ball), has strength 1, is not activated, and takes its ``modules_to_save`` copies
+        from the first source that has one (the copy ``set_adapter(adapters)`` runs).
+
+        Args:
+            adapters: existing adapters, in ``set_adapter`` order (the first sits next to the base layer).
+            weights: one finite strength multiplier per adapter (negative inverts that adapter's rotation).
+            adapter_name: the new adapter's name.
+
+        Raises:
+            ValueError: for unknown adapters or bad weights; if in some layer the sources differ in block size,
+                block count or butterfly factors (naming the layer and what differs); for several BOFT sources
+                with more than one butterfly factor (not exactly composable); or if a product turns some plane
+                by 180°. Nothing is added then.
+        """
+        adapters, weights = list(adapters), list(weights)
+        unknown = [name for name in adapters if name not in self.peft_config]
+        if not adapters or unknown:
+            raise ValueError(f"adapters={adapters!r}: list some of this model's adapters {list(self.peft_config)}")
+        if len(weights) != len(adapters):
+            raise ValueError(f"weights has {len(weights)} entries for {len(adapters)} adapters; pass one weight each")
+        bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"weights={weights!r}: {bad[0]!r} is not a finite number; pass e.g. [1.0, 0.5]")
+        config = self._composed_config(adapters)
+        self._check_new_adapter(adapter_name, config)
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for name, layer in self._adapter_layers():
+            present = [
+                (source, weight)
+                for source, weight in zip(adapters, weights, strict=True)
+                if source in layer.adapter_names
+            ]
+            if not present:
+                continue
+            strengths = [float(weight) * layer.strength(source) for source, weight in present]
+            try:
+                with torch.no_grad():
+                    parts[name] = layer.composed_parameters([source for source, _ in present], strengths)
+            except ValueError as error:
+                raise ValueError(f"add_weighted_adapter: layer {name!r}: {error}") from error
+        plan = self._plan(adapter_name, config)
+        if set(plan.layers) != set(parts):
+            different = sorted(set(plan.layers) ^ set(parts))
+            raise ValueError(
+                f"add_weighted_adapter: the new adapter's config would adapt other layers than its sources "
+                f"({different[:3]}); pass adapters whose configs target the same modules"
+            )
+        with torch.no_grad():
+            for name, tensors in parts.items():
+                for attribute, value in tensors.items():
+                    target = plan.layers[name].adapter_parameter(attribute, adapter_name)
+                    if target.shape != value.shape:
+                        raise ValueError(
+                            f"add_weighted_adapter: layer {name!r}: the composed {attribute} has shape "
+                            f"{tuple(value.shape)} but {config.peft_type} config {config} makes {tuple(target.shape)}"
+                        )
+                    target.copy_(value)
+            for name, copied in plan.copies.items():
+                wrapper = self.get_base_model().get_submodule(name)
+                source = next((a for a in adapters if a in getattr(wrapper, "modules_to_save", {})), None)
+                if source is not None:
+                    copied.load_state_dict(wrapper.modules_to_save[source].state_dict())
+        self._commit(plan)
+
+    def _composed_config(self, adapters: list[str]) -> AdapterConfig:
+        """The config of a composition of ``adapters``: the first one's, with what composing changes."""
+        configs = [self.peft_config[name] for name in adapters]
+        first = configs[0]
+        changes: dict[str, Any] = {"init_weights": True}
+        targeting = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+        if any(
+            getattr(config, field_name) != getattr(first, field_name) for config in configs for field_name in targeting
+        ):
+            adapted = [name for name, layer in self._adapter_layers() if set(adapters) & set(layer.adapter_names)]
+            changes.update(target_modules=adapted, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
+        saved = [name for config in configs for name in config.modules_to_save or []]
+        changes["modules_to_save"] = list(dict.fromkeys(saved)) or None
+        if isinstance(first, OFTConfig):
+            changes.update(
+                coft=False,
+                use_cayley_neumann=False,
+                block_share=all(isinstance(config, OFTConfig) and config.block_share for config in configs),
+            )
+        return dataclasses.replace(first, **changes)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

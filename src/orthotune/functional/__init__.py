@@ -6,6 +6,9 @@
 - :mod:`~orthotune.functional.rotate`: block-diagonal rotations of activations and of weights.
 - :mod:`~orthotune.functional.butterfly`: BOFT's butterfly permutations and products.
 - :mod:`~orthotune.functional.dropout`: multiplicative (block-to-identity) dropout.
+- :mod:`~orthotune.functional.strength`: an adapter at a strength ``t``: ``R(t·Q)`` and BOFT's scale ``s^t``.
+- :mod:`~orthotune.functional.compose`: the one generator of a product of rotations (adapter composition).
+- :mod:`~orthotune.functional.lowrank`: truncated SVD of a weight change, and the rank a tolerance needs.
 """
 
 from orthotune.functional.butterfly import (
@@ -16,15 +19,19 @@ from orthotune.functional.butterfly import (
     butterfly_rotate_weight,
 )
 from orthotune.functional.cayley import (
+    CAYLEY_INVERSE_MIN_DISTANCE,
     NEUMANN_WARN_NORM,
     cayley_exact,
+    cayley_inverse,
     cayley_neumann,
     cayley_transform,
     neumann_norm_bound,
     orthogonality_error,
 )
 from orthotune.functional.coft import coft_radius, project_coft, project_to_ball
+from orthotune.functional.compose import composed_generator, rotation_product
 from orthotune.functional.dropout import drop_blocks_to_identity, drop_factor_blocks_to_identity
+from orthotune.functional.lowrank import low_rank_factors, rank_for_tolerance, truncation_errors
 from orthotune.functional.rotate import block_diagonal, rotate_activations, rotate_weight, unrotate_weight
 from orthotune.functional.skew import (
     block_size_from_packed,
@@ -34,8 +41,10 @@ from orthotune.functional.skew import (
     skew_from_packed,
     skew_part,
 )
+from orthotune.functional.strength import generator_at_strength, output_scale_at_strength, rotation_at_strength
 
 __all__ = [
+    "CAYLEY_INVERSE_MIN_DISTANCE",
     "NEUMANN_WARN_NORM",
     "block_diagonal",
     "block_size_from_packed",
@@ -47,19 +56,28 @@ __all__ = [
     "butterfly_rotate_weight",
     "cayley_transform",
     "cayley_exact",
+    "cayley_inverse",
     "cayley_neumann",
     "coft_radius",
+    "composed_generator",
     "drop_blocks_to_identity",
     "drop_factor_blocks_to_identity",
+    "generator_at_strength",
+    "low_rank_factors",
     "neumann_norm_bound",
     "orthogonality_error",
+    "output_scale_at_strength",
     "packed_from_skew",
     "packed_size",
     "project_coft",
     "project_to_ball",
+    "rank_for_tolerance",
     "rotate_activations",
     "rotate_weight",
+    "rotation_at_strength",
+    "rotation_product",
     "skew_from_packed",
     "skew_part",
+    "truncation_errors",
     "unrotate_weight",
 ]
