@@ -9,6 +9,7 @@ peft's. Importing this package imports torch (and safetensors when a file is rea
 from orthotune import functional
 from orthotune.adapter_layer import AdapterLayer
 from orthotune.config import BOFTConfig, OFTConfig
+from orthotune.lora_export import export_lora
 from orthotune.model import OrthoModel, PeftModel, get_peft_model
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "OrthoModel",
     "PeftModel",
     "__version__",
+    "export_lora",
     "functional",
     "get_peft_model",
 ]

@@ -29,7 +29,7 @@ import os
 import re
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,26 +104,56 @@ def save_adapter_files(
     ``tensors`` are in orthotune's convention; they are written in peft's. Both files are written completely
     to temporary files before either replaces its predecessor, so an interrupted save leaves the previous pair.
     """
-    from safetensors.torch import save_file
-
-    os.makedirs(directory, exist_ok=True)
-    weights_path = os.path.join(directory, WEIGHTS_NAME)
-    config_path = os.path.join(directory, CONFIG_NAME)
     to_save = {key: _clone_for_file(tensor) for key, tensor in to_peft_convention(config, tensors).items()}
-    weights_temporary = _temporary_path(weights_path)
-    config_temporary = _temporary_path(config_path)
+    write_files_atomically(
+        directory,
+        {WEIGHTS_NAME: safetensors_writer(to_save), CONFIG_NAME: bytes_writer(config.to_json_string().encode())},
+    )
+
+
+def write_files_atomically(directory: str | os.PathLike[str], writers: Mapping[str, Callable[[str], None]]) -> None:
+    """Write several files of ``directory`` as a group: every one completely, then each moved into place.
+
+    Args:
+        writers: file name → a function that writes the file's content to the path it is given (a temporary
+            file in the same directory). All run before any file is replaced, so an error or a crash while
+            writing leaves the previous files (a crash between the final renames can still mix old and new).
+    """
+    os.makedirs(directory, exist_ok=True)
+    temporaries: dict[str, str] = {}
     try:
-        save_file(to_save, weights_temporary, metadata={"format": "pt"})
-        with open(config_temporary, "wb") as handle:
-            handle.write(config.to_json_string().encode())
+        for name, write in writers.items():
+            temporaries[name] = _temporary_path(os.path.join(directory, name))
+            write(temporaries[name])
+        for name, temporary in temporaries.items():
+            _publish(temporary, os.path.join(directory, name))
+    except BaseException:
+        for temporary in temporaries.values():
+            _remove_quietly(temporary)
+        raise
+
+
+def bytes_writer(data: bytes) -> Callable[[str], None]:
+    """A writer for :func:`write_files_atomically` that writes ``data`` and syncs it to disk."""
+
+    def write(path: str) -> None:
+        with open(path, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        _publish(weights_temporary, weights_path)
-        _publish(config_temporary, config_path)
-    except BaseException:
-        _remove_quietly(weights_temporary)
-        _remove_quietly(config_temporary)
-        raise
+
+    return write
+
+
+def safetensors_writer(tensors: Mapping[str, torch.Tensor]) -> Callable[[str], None]:
+    """A writer for :func:`write_files_atomically` that saves contiguous CPU ``tensors`` as safetensors."""
+
+    def write(path: str) -> None:
+        from safetensors.torch import save_file
+
+        save_file(dict(tensors), path, metadata={"format": "pt"})
+
+    return write
 
 
 def _clone_for_file(tensor: torch.Tensor) -> torch.Tensor:
