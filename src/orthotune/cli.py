@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_merge_parser(commands)
     _add_inspect_parser(commands)
     _add_convert_parser(commands)
+    from orthotune.cli_export_lora import add_export_lora_parser  # imports this module: not at the top
+
+    add_export_lora_parser(commands)
     return parser
 
 
@@ -473,7 +476,16 @@ def run_finetune(args: argparse.Namespace) -> int:
     import torch
 
     import orthotune
-    from orthotune.finetune import PooledHeadModel, Targets, TokenizedTexts, evaluate, fit_probe, pooled_features, train
+    from orthotune.finetune import (
+        PooledHeadModel,
+        Targets,
+        TokenizedTexts,
+        evaluate,
+        fit_probe,
+        pooled_features,
+        predict,
+        train,
+    )
     from orthotune.progress import ProgressBar
 
     if args.threads:
@@ -540,6 +552,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         flush=True,
     )
 
+    step_losses: list[float] = []
     losses = train(
         model,
         train_tokens,
@@ -550,13 +563,18 @@ def run_finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.quiet,
+        step_losses=step_losses,
     )
     trained = time.perf_counter()
-    after = evaluate(model, test_tokens, test_targets, how, eval_batch)
+    test_outputs = predict(model, test_tokens, eval_batch)
+    after = how.scores(test_outputs, test_targets)
     change = after.value - before.value
     print(f"after:     held-out {after.metric} {after.value:.4f} ({change:+.4f})")
 
+    plotted: list[str] = []
+
     def write(directory: Path) -> None:
+        plotted.append(_finetune_plots(directory, step_losses, how, test_outputs, test_data.labels))
         _save(
             directory,
             args,
@@ -594,7 +612,15 @@ def run_finetune(args: argparse.Namespace) -> int:
         f"fine-tuning {trained - probed:.0f} s)"
     )
     print(f"saved:     {output}" + (f" (merged model in {output / 'merged'})" if args.merge else ""))
+    print(plotted[0])
     return 0
+
+
+def _finetune_plots(directory: Path, step_losses: list[float], how: Any, outputs: Any, labels: Any) -> str:
+    from orthotune.cli_plots import save_finetune_plots
+
+    predictions = (outputs.squeeze(-1).double() * how.std + how.mean).tolist() if how.task == "regression" else None
+    return save_finetune_plots(directory, step_losses, how.task, predictions, list(labels))
 
 
 def _describe_targets(layers: list[tuple[str, Any]]) -> str:
@@ -832,6 +858,7 @@ def _add_inspect_parser(commands: Any) -> None:
     parser.add_argument("adapter", metavar="ADAPTER_DIR", help="directory with adapter_config.json and weights")
     parser.add_argument("--base", metavar="MODEL_DIR", help="base model directory: adds hyperspherical energy")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw the per-layer figures into this PNG file")
     parser.set_defaults(run=run_inspect)
 
 
@@ -871,11 +898,23 @@ def run_inspect(args: argparse.Namespace) -> int:
                 f"hyperspherical energy: layers with more than {MAX_ENERGY_NEURONS} neurons use "
                 f"{MAX_ENERGY_NEURONS} evenly spaced ones (the same for base and merged)"
             )
+    plotted = _inspection_plot(report, args.plot) if args.plot else None
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
-        return 0
-    _print_inspection(adapter, report, with_energy=base is not None)
+    else:
+        _print_inspection(adapter, report, with_energy=base is not None)
+    if plotted:
+        print(plotted, file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _inspection_plot(report: Any, path: str) -> str:
+    from orthotune.cli_plots import save_inspection_plot
+
+    try:
+        return save_inspection_plot(report, path)
+    except (OSError, ValueError) as error:  # matplotlib: a missing directory, an unknown file extension
+        raise UsageError(f"--plot {path}: cannot write it ({_first_line(error)})") from error
 
 
 def _print_inspection(adapter: Path, report: Any, with_energy: bool) -> None:

@@ -170,8 +170,12 @@ class OFTRotationModule(nn.Module):
                 f"an OFT block has ‖Q‖₂ up to {bound:.3f}{at_strength}; the Cayley-Neumann series with "
                 f"num_cayley_neumann_terms={self.num_cayley_neumann_terms} diverges at 1 and is off from an "
                 f"orthogonal matrix by about {bound ** (self.num_cayley_neumann_terms - 1):.2g}; "
-                "use the exact Cayley transform (use_cayley_neumann=False), a smaller learning rate"
-                + (" or a smaller strength" if strength != 1 else ""),
+                "use the exact Cayley transform (use_cayley_neumann=False)"
+                + (
+                    ", a smaller learning rate or a smaller strength"
+                    if strength != 1
+                    else " or a smaller learning rate"
+                ),
                 stacklevel=3,
             )
 
