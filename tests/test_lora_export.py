@@ -304,3 +304,15 @@ def test_cli_export_lora_bad_input(bert_dirs, tmp_path: Path, capsys: pytest.Cap
     )
     assert status != 0 and "does not exist" in err
     assert not output.exists()
+
+
+def test_rank_benchmark_runs_and_ranks_fall_with_the_tolerance() -> None:
+    from conftest import load_benchmark
+
+    results = load_benchmark("lora_export_ranks").measure(steps=3, lr=1e-2)
+    exports = {row["target"]: row for row in results["exports"]}
+    assert list(exports) == ["1%", "5%", "10%", "full"]
+    for layer in exports["full"]["ranks"]:
+        assert exports["1%"]["ranks"][layer] >= exports["5%"]["ranks"][layer] >= exports["10%"]["ranks"][layer]
+    assert exports["full"]["max_relative_error"] < 1e-5
+    assert all(row["file_bytes"] > 0 for row in exports.values()) and results["oft_file_bytes"] > 0
