@@ -293,9 +293,10 @@ def train(
                 optimizer.step()
                 schedule.step()
                 step += 1
-                running += loss.item() * len(indices)
+                value = loss.item()
+                running += value * len(indices)
                 if step_losses is not None:
-                    step_losses.append(loss.item())
+                    step_losses.append(value)
                 count += len(indices)
                 bar.update(1, loss=running / count)
             epoch_losses.append(running / max(1, count))
