@@ -233,6 +233,23 @@ def test_a_failed_write_keeps_the_previous_export(tmp_path: Path, monkeypatch: p
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
 
+def test_pattern_keys_resolve_in_peft_to_their_own_module_only() -> None:
+    """peft reads rank_pattern keys as regexes (dots match anything); a full name that would also match another
+    target gets an anchored key. peft's own get_pattern_key decides."""
+    from peft.utils.other import get_pattern_key
+
+    from orthotune.lora_export import _pattern_keys, _target_modules
+
+    targets = ["blocks.a.b", "blocks.a_b", "head"]
+    keys = _pattern_keys(["blocks.a.b", "head"], targets)
+    assert keys["head"] == "head" and keys["blocks.a.b"] != "blocks.a.b"
+    pattern = {keys["blocks.a.b"]: 3, keys["head"]: 5}
+    resolved = {name: pattern.get(get_pattern_key(list(pattern), name), 8) for name in targets}
+    assert resolved == {"blocks.a.b": 3, "blocks.a_b": 8, "head": 5}
+    assert _target_modules(["q", "x.k"], ["q", "x.k", "y.q"]) == "q|x\\.k"  # "q" alone would also take y.q
+    assert _target_modules(["x.q"], ["x.q", "y.q"]) == ["x.q"]
+
+
 # --------------------------------------------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def bert_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, orthotune.OrthoModel]:
