@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from orthotune.adapter_layer import AdapterLayer
 from orthotune.base_layer import LayerKind, weight_matrix
@@ -191,10 +192,10 @@ def _lora_tensors(layer: AdapterLayer, name: str, b: torch.Tensor, a: torch.Tens
         # peft's embedding delta is (lora_embedding_B @ lora_embedding_A)ᵀ = Aᵀ Bᵀ with A (k, num), B (dim, k).
         return {f"{prefix}lora_embedding_A": b.t(), f"{prefix}lora_embedding_B": a.t()}
     if layer.kind is LayerKind.CONV2D:
-        base = layer.get_base_layer()
-        in_channels, kernel = base.in_channels, tuple(base.kernel_size)
+        conv = layer.get_base_layer()
+        assert isinstance(conv, nn.Conv2d)
         return {
-            f"{prefix}lora_A.weight": a.reshape(a.shape[0], in_channels, *kernel),
+            f"{prefix}lora_A.weight": a.reshape(a.shape[0], conv.in_channels, *conv.kernel_size),
             f"{prefix}lora_B.weight": b.reshape(*b.shape, 1, 1),
         }
     return {f"{prefix}lora_A.weight": a, f"{prefix}lora_B.weight": b}

@@ -657,7 +657,7 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
             for name, copied in plan.copies.items():
                 wrapper = self.get_base_model().get_submodule(name)
                 source = next((a for a in adapters if a in getattr(wrapper, "modules_to_save", {})), None)
-                if source is not None:
+                if isinstance(wrapper, ModulesToSaveWrapper) and source is not None:
                     copied.load_state_dict(wrapper.modules_to_save[source].state_dict())
         self._commit(plan)
 
