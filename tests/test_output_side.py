@@ -15,9 +15,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from references import cayley_reference, dense_block_diag, randn, rel_err, rotation_reference, skew_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from references import cayley_reference, dense_block_diag, randn, rel_err, rotation_reference, skew_reference
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -186,7 +186,7 @@ def test_cayley_inverse_inverts_cayley_exact_both_ways(block_size: int, batch: i
 
 def test_cayley_inverse_refuses_a_half_turn() -> None:
     half_turn = torch.diag(torch.tensor([-1.0, -1.0, 1.0], dtype=torch.float64))
-    with pytest.raises(ValueError, match="eigenvalue -1"):
+    with pytest.raises(ValueError, match="eigenvalue at -1"):
         cayley_inverse(half_turn)
 
 

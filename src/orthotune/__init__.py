@@ -25,6 +25,7 @@ _EXPORTS = {
     "OrthoModel": "orthotune.model",
     "PeftModel": "orthotune.model",
     "get_peft_model": "orthotune.model",
+    "export_lora": "orthotune.lora_export",
 }
 _SUBMODULES = ("functional",)
 
@@ -36,6 +37,7 @@ __all__ = [
     "OrthoModel",
     "PeftModel",
     "__version__",
+    "export_lora",
     "functional",
     "get_peft_model",
 ]
@@ -44,6 +46,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from orthotune import functional
     from orthotune.adapter_layer import AdapterLayer
     from orthotune.config import BOFTConfig, HRAConfig, OFTConfig
+    from orthotune.lora_export import export_lora
     from orthotune.model import OrthoModel, PeftModel, get_peft_model
 
 

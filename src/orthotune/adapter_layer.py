@@ -17,11 +17,18 @@ in order, quantized bases, mixed batches, freezing) is here.
 Order of several adapters: the first active adapter sits next to the base layer. For a layer that rotates
 its input, the last active adapter rotates the input first; merging the adapters one after another, in
 active order, gives exactly the model that forward computes.
+
+Strength: each adapter has a strength ``t`` (``scaling[name]``, 1.0 by default), set with peft LoRA's
+:meth:`AdapterLayer.set_scale`, :meth:`~AdapterLayer.scale_layer` and :meth:`~AdapterLayer.unscale_layer`. The
+layer applies the rotation ``R(t·Q)`` (see :mod:`orthotune.functional.strength`): still a rotation, the base
+layer at 0, the trained adapter at 1, its inverse at -1. A merged adapter keeps the strength it was merged
+with until it is unmerged, so that unmerge restores the weight exactly.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -159,6 +166,8 @@ class AdapterLayer(ActiveAdapters, nn.Module):
         self._active_adapters: list[str] = []
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        #: Strength of each adapter (peft LoRA's attribute name; here a pure multiplier, 1.0 unless set).
+        self.scaling: dict[str, float] = {}
         # For a quantized base layer, the packed weight as it was before each merge (see unmerge).
         self._storage_before_merge: list[dict[str, Any]] = []
         self.fan_in_fan_out = _checked_fan_in_fan_out(self.kind, fan_in_fan_out)
@@ -188,6 +197,11 @@ class AdapterLayer(ActiveAdapters, nn.Module):
     def _merged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The fp32 ``(out, d)`` weight matrix with the adapter merged into it."""
         raise NotImplementedError
+
+    def composed_parameters(self, adapter_names: list[str], strengths: list[float]) -> dict[str, torch.Tensor]:
+        """The parameters (by ``adapter_layer_names`` attribute) of one adapter equal to ``adapter_names`` active
+        together at ``strengths`` (see :mod:`orthotune.composition`); a ``ValueError`` where no such adapter exists."""
+        raise ValueError(f"{type(self).__name__} adapters cannot be composed into one adapter of the same method")
 
     def _unmerged_weight(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The exact inverse of :meth:`_merged_weight`."""
@@ -259,20 +273,77 @@ class AdapterLayer(ActiveAdapters, nn.Module):
             holder = getattr(self, attribute)
             if adapter_name in holder:  # nn.ModuleDict.pop takes no default
                 del holder[adapter_name]
+        self.scaling.pop(adapter_name, None)
         self._active_adapters = [name for name in self._active_adapters if name != adapter_name]
         if not self._active_adapters and self.adapter_names:
             self.set_adapter(self.adapter_names[0])
 
     def _register_new_adapter(self, adapter_name: str, inference_mode: bool) -> None:
         """Activate a freshly created adapter the way peft does (the first one becomes active)."""
+        self.scaling[adapter_name] = 1.0
         if not self._active_adapters:
             self._active_adapters = [adapter_name]
         self.set_adapter(self._active_adapters, inference_mode=inference_mode)
+
+    def adapter_parameter(self, attribute: str, adapter_name: str) -> nn.Parameter:
+        """The parameter that ``attribute`` (one of :attr:`adapter_layer_names`) holds for ``adapter_name``."""
+        holder = getattr(self, attribute)[adapter_name]
+        return holder if isinstance(holder, nn.Parameter) else holder.weight
 
     def _adapter_device(self) -> torch.device | None:
         for tensor in self.base_layer.parameters():
             return tensor.device
         return None
+
+    # ----------------------------------------------------------------------------------------- strength
+    def strength(self, adapter_name: str) -> float:
+        """The strength ``t`` the adapter is applied at: its rotation is ``R(t·Q)`` (1.0 unless set)."""
+        return self.scaling.get(adapter_name, 1.0)
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Set the strength of ``adapter`` to ``scale`` (peft LoRA's name; an adapter this layer lacks is ignored).
+
+        ``scale`` is the strength itself, not a multiple of a trained value: 0 gives the base layer, 1 the
+        trained adapter, -1 its inverse rotation, 2 twice as far along the Cayley curve ``t ↦ R(t·Q)``.
+        """
+        if adapter in self.adapter_names:
+            self._set_strength(adapter, scale)
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the strength of every active adapter by ``scale`` (peft LoRA's semantics)."""
+        if scale == 1:
+            return
+        for name in self._active_adapters:
+            if name in self.adapter_names:
+                self._set_strength(name, self.strength(name) * scale)
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """Divide the strength of every active adapter by ``scale``, or reset it to 1 when ``scale`` is ``None``."""
+        if scale is not None and not (math.isfinite(scale) and scale != 0):
+            raise ValueError(f"scale={scale!r} cannot divide a strength; pass a finite non-zero number, or None")
+        for name in self._active_adapters:
+            if name in self.adapter_names:
+                self._set_strength(name, 1.0 if scale is None else self.strength(name) / scale)
+
+    #: Why this method has no strength (``None``: it has one). A strength other than 1 is refused with it.
+    strength_unsupported: str | None = None
+
+    def check_strength(self, adapter_name: str, strength: float) -> float:
+        """``strength`` as a float if ``adapter_name`` may take it now, else a ``ValueError`` that says why."""
+        if self.strength_unsupported is not None and strength != 1:
+            raise ValueError(f"scale={strength!r} for adapter {adapter_name!r}: {self.strength_unsupported}")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+            raise ValueError(f"scale={strength!r} for adapter {adapter_name!r} must be a finite real number, e.g. 0.5")
+        strength = float(strength)
+        if adapter_name in self.merged_adapters and strength != self.strength(adapter_name):
+            raise ValueError(
+                f"adapter {adapter_name!r} is merged at strength {self.strength(adapter_name)}; unmerge it before "
+                f"setting it to {strength} (the merged weight could not be restored exactly otherwise)"
+            )
+        return strength
+
+    def _set_strength(self, adapter_name: str, strength: float) -> None:
+        self.scaling[adapter_name] = self.check_strength(adapter_name, strength)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(

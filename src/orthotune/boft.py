@@ -43,12 +43,15 @@ from orthotune.functional import (
     butterfly_rotate_activations,
     butterfly_rotate_weight,
     cayley_exact,
+    composed_generator,
     lycoris_butterfly_dense,
     lycoris_butterfly_rotate_activations,
     lycoris_butterfly_rotate_weight,
     lycoris_butterfly_unrotate_weight,
     lycoris_radius,
+    output_scale_at_strength,
     project_skew_jointly,
+    rotation_at_strength,
 )
 from orthotune.oft import MultiplicativeDropoutLayer
 from orthotune.validation import check_constraint, check_init_weights, check_probability, check_rotation_side
@@ -169,12 +172,13 @@ class BOFTLayer(AdapterLayer):
             nn.init.normal_(self.boft_s[adapter_name], mean=1.0, std=0.1)
 
     def rotation_blocks(self, adapter_name: str) -> torch.Tensor:
-        """``(m, D, b, b)`` fp32 orthogonal blocks of every factor, from one batched Cayley solve."""
+        """``(m, D, b, b)`` fp32 orthogonal blocks ``R_i(t·Q_i)`` of every factor at the adapter's strength ``t``,
+        from one batched Cayley solve (generators held within LyCORIS's joint bound when ``constraint``)."""
         generators = boft_generators(self.boft_R[adapter_name].float())
         radius = lycoris_radius(
             self.boft_constraint[adapter_name], self._side_features(self.rotation_side[adapter_name])
         )
-        return cayley_exact(project_skew_jointly(generators, radius))
+        return rotation_at_strength(project_skew_jointly(generators, radius), self.strength(adapter_name))
 
     def _rotates_outputs(self, adapter_name: str) -> bool:
         return self.rotation_side[adapter_name] == "output"
@@ -188,13 +192,13 @@ class BOFTLayer(AdapterLayer):
         return permutations.index
 
     def _output_scale(self, adapter_name: str) -> torch.Tensor:
-        """``(out, 1)`` scale, whatever the stored layout."""
-        scale = self.boft_s[adapter_name]
+        """``(out, 1)`` scale ``s^t`` at the adapter's strength ``t``, whatever the stored layout."""
+        scale = output_scale_at_strength(self.boft_s[adapter_name], self.strength(adapter_name))
         return scale.transpose(0, 1) if self.kind is LayerKind.CONV2D else scale
 
     def get_delta_weight(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(M, s)``: the dense ``(d, d)`` rotation (``x ↦ x M``, or ``y ↦ y M`` for the outputs on the output
-        side) and the ``(out, 1)`` output scale."""
+        """``(M, s)`` at the adapter's strength: the dense ``(d, d)`` rotation (``x ↦ x M``, or ``y ↦ y M`` for the
+        outputs on the output side) and the ``(out, 1)`` output scale."""
         if self._rotates_outputs(adapter_name):
             return lycoris_butterfly_dense(self.rotation_blocks(adapter_name)), self._output_scale(adapter_name)
         rotation = butterfly_dense(self.rotation_blocks(adapter_name), self._permutation_index(adapter_name))
@@ -219,6 +223,57 @@ class BOFTLayer(AdapterLayer):
         blocks = self.rotation_blocks(adapter_name)
         return butterfly_rotate_activations(unscaled, blocks, self._permutation_index(adapter_name))
 
+    def composed_parameters(self, adapter_names: list[str], strengths: list[float]) -> dict[str, torch.Tensor]:
+        """``boft_R`` and ``boft_s`` of the one adapter that equals ``adapter_names`` active together, at
+        ``strengths``.
+
+        With one butterfly factor each adapter is a block-diagonal rotation and an output scale: the blocks
+        multiply (in the order this layer applies them: the last active adapter first on the input) into one
+        block-diagonal rotation, whose generator is the inverse Cayley transform of the product, and the scales
+        ``s_i^{t_i}`` multiply. With ``m > 1`` factors a product of butterfly products is not one butterfly
+        product, so only a single source (an adapter at another strength: ``R_i(t·Q_i)`` per factor) is exact.
+
+        Returns:
+            ``{"boft_R": (m, D, b, b), "boft_s": as stored}``, float32; ``boft_R`` holds ``A = -Q``, whose
+            generator ``(Aᵀ - A)/2`` is ``Q``.
+
+        Raises:
+            ValueError: if the sources differ in block structure or factor count (naming them), several sources
+                have ``m > 1``, or the product turns some plane by 180°.
+        """
+        lycoris_style = [name for name in adapter_names if self._rotates_outputs(name) or self.boft_constraint[name]]
+        if lycoris_style:
+            raise ValueError(
+                f"cannot compose adapters {lycoris_style}: composition is implemented for input-side adapters "
+                "without a constraint (rotation_side='input', constraint=0); merge them instead"
+            )
+        structure = {
+            name: (self.boft_n_butterfly_factor[name], self.boft_block_num[name], self.boft_block_size[name])
+            for name in adapter_names
+        }
+        if len(set(structure.values())) > 1:
+            described = {name: f"m={m}, {num} blocks of {size}" for name, (m, num, size) in structure.items()}
+            raise ValueError(
+                f"cannot compose BOFT adapters of different structure {described} in one layer; compose adapters "
+                "with the same boft_block_size, boft_block_num and boft_n_butterfly_factor"
+            )
+        factors = structure[adapter_names[0]][0]
+        if factors > 1 and len(adapter_names) > 1:
+            raise ValueError(
+                f"cannot compose BOFT adapters {adapter_names} with boft_n_butterfly_factor={factors}: a product of "
+                "butterfly products is not a single butterfly product, so no BOFT adapter equals them; only "
+                "adapters with one factor (boft_n_butterfly_factor=1) compose exactly"
+            )
+        rotations = [
+            cayley_exact(strength * boft_generators(self.boft_R[name].double()))
+            for name, strength in zip(adapter_names, strengths, strict=True)
+        ]
+        generator = composed_generator(rotations[::-1])  # x M_last ⋯ M_first: the last active adapter acts first
+        scale = torch.ones_like(self.boft_s[adapter_names[0]])
+        for name, strength in zip(adapter_names, strengths, strict=True):
+            scale = scale * output_scale_at_strength(self.boft_s[name].detach(), strength)
+        return {"boft_R": (-generator).float(), "boft_s": scale.float()}
+
     def __repr__(self) -> str:
         return "boft." + super().__repr__()
 
@@ -237,7 +292,7 @@ class Linear(BOFTLayer):
         for name in reversed(active):  # the first active adapter sits next to the base layer
             blocks = self._forward_blocks(name).to(x.dtype)
             x = butterfly_rotate_activations(x, blocks, self._permutation_index(name), row_major=False)
-            adapter_scale = self.boft_s[name].squeeze(-1)
+            adapter_scale = self._output_scale(name).squeeze(-1)
             scale = adapter_scale if scale is None else scale * adapter_scale
         result = self._base_forward_on_rotated(x, *args, **kwargs)
         assert scale is not None

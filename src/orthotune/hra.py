@@ -54,6 +54,11 @@ class HRALayer(AdapterLayer):
     _kinds: tuple[LayerKind, ...] = (LayerKind.LINEAR, LayerKind.CONV1D, LayerKind.CONV2D)
 
     constructor_arguments: tuple[str, ...] = ("r", "apply_GS", "init_weights", "fan_in_fan_out")
+    strength_unsupported = (
+        "HRA has no strength: a chain of reflections H = ∏(I − 2uuᵀ) has no canonical path from I to H (scaling "
+        "the vectors u changes nothing, and a power H^t is not a product of r reflections); use set_adapter or "
+        "disable_adapter to switch it on and off"
+    )
 
     def _create_adapter_holders(self) -> None:
         if self.kind not in self._kinds:

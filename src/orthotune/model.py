@@ -43,6 +43,7 @@ from orthotune.checkpoint import (
     save_model_adapters,
     to_peft_convention,
 )
+from orthotune.composition import add_weighted_adapter
 from orthotune.config import AdapterConfig, as_orthotune_config
 from orthotune.injection import AdapterPlan, commit_plan, plan_adapter
 from orthotune.modules_to_save import ModulesToSaveWrapper
@@ -196,10 +197,10 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
     def add_adapter(self, adapter_name: str, peft_config: AdapterConfig) -> None:
         """Add an adapter (inactive unless it is the first; activate it with :meth:`set_adapter`)."""
         config = as_orthotune_config(peft_config)
-        self._check_new_adapter(adapter_name, config)
-        self._commit(plan_adapter(self.get_base_model(), adapter_name, config))
+        self.check_new_adapter(adapter_name, config)
+        self.add_planned_adapter(plan_adapter(self.get_base_model(), adapter_name, config))
 
-    def _check_new_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+    def check_new_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ADAPTER_NAME:
             raise ValueError(f"adapter_name={adapter_name!r} must be a non-empty name other than {BASE_ADAPTER_NAME!r}")
         if adapter_name in self.peft_config:
@@ -211,7 +212,7 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
                 "either); use one method per model"
             )
 
-    def _commit(self, plan: AdapterPlan) -> None:
+    def add_planned_adapter(self, plan: AdapterPlan) -> None:
         """Put a checked plan into the model and make its adapter known (cannot fail on a planned adapter)."""
         model = self.get_base_model()
         first = not self.peft_config
@@ -286,6 +287,48 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         remaining = [name for name in self._active_adapters if name != adapter_name]
         self._active_adapters = remaining or list(self.peft_config)[:1]
         self._apply_active_adapters()
+
+    # ----------------------------------------------------------------------------------------- strength
+    def set_scale(self, adapter_name: str, scale: float) -> None:
+        """Apply ``adapter_name`` at strength ``scale`` in every layer it adapts: its rotations become ``R(t·Q)``.
+
+        0 gives the base model, 1 the trained adapter, -1 its inverse rotation (for BOFT with one butterfly
+        factor; with more, the product of the inverse factors in the same order), 2 twice as far along the
+        Cayley curve ``t ↦ R(t·Q)``; see :mod:`orthotune.functional.strength`. BOFT's output scale becomes
+        ``s^t``. Forward and merge both use the strength; a merged adapter must be unmerged first.
+        """
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter_name={adapter_name!r}: this model has adapters {list(self.peft_config)}")
+        layers = [layer for _, layer in self.adapter_layers() if adapter_name in layer.adapter_names]
+        for layer in layers:  # every layer accepts the value before any changes
+            layer.check_strength(adapter_name, scale)
+        for layer in layers:
+            layer.set_scale(adapter_name, scale)
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
+        """Add ``adapter_name``: one adapter equal to ``adapters`` active together, each at its weight as strength.
+
+        The new adapter gives the outputs of ``set_adapter(adapters)`` with each adapter's strength multiplied by
+        its weight (as peft's LoRA ``add_weighted_adapter`` folds in ``scaling``). Per layer, the sources' exact
+        rotations ``R(w·t·Q)`` are multiplied block by block in the order the layer applies them, and the
+        product's generator is its inverse Cayley transform (:func:`~orthotune.functional.cayley_inverse`): an
+        exact, not an averaged, composition. The new adapter is in exact Cayley mode without COFT (sources in
+        Cayley-Neumann mode contribute the exact rotations their parameters stand for; the result generally
+        lies outside a COFT ball), has strength 1, is not activated, and takes its ``modules_to_save`` copies
+        from the first source that has one (the copy ``set_adapter(adapters)`` runs).
+
+        Args:
+            adapters: existing adapters, in ``set_adapter`` order (the first sits next to the base layer).
+            weights: one finite strength multiplier per adapter (negative inverts that adapter's rotation).
+            adapter_name: the new adapter's name.
+
+        Raises:
+            ValueError: for unknown adapters or bad weights; if in some layer the sources differ in block size,
+                block count or butterfly factors (naming the layer and what differs); for several BOFT sources
+                with more than one butterfly factor (not exactly composable); or if a product turns some plane
+                by 180°. Nothing is added then.
+        """
+        add_weighted_adapter(self, adapters, weights, adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -451,7 +494,7 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
             file.tensors = to_peft_convention(config, to_peft_convention(file.config, file.tensors))
             file.config = copy.deepcopy(config)
         file.config.inference_mode = not is_trainable
-        self._check_new_adapter(adapter_name, file.config)
+        self.check_new_adapter(adapter_name, file.config)
         plan = plan_adapter(self.get_base_model(), adapter_name, file.config)
         if file.legacy_oft is not None:
             convert_legacy_oft(file, plan.layers)
@@ -459,7 +502,7 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         optional = optional_file_tensors(self, plan.layers, plan.config)
         check_tensors(file, required, optional)
         copy_tensors(file, required)  # into the plan's own tensors: the model is not touched yet
-        self._commit(plan)
+        self.add_planned_adapter(plan)
         copy_tensors(file, optional)
         if not is_trainable:
             self.eval()

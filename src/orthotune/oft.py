@@ -33,11 +33,14 @@ from orthotune.blocks import nearest_divisor, resolve_oft_blocks
 from orthotune.functional import (
     NEUMANN_WARN_NORM,
     block_diagonal,
-    cayley_transform,
+    cayley_exact,
+    composed_generator,
     drop_blocks_to_identity,
     drop_factor_blocks_to_identity,
     lycoris_radius,
     neumann_norm_bound,
+    output_scale_at_strength,
+    packed_from_skew,
     packed_size,
     project_coft,
     project_packed_jointly,
@@ -45,6 +48,7 @@ from orthotune.functional import (
     rotate_outputs,
     rotate_weight,
     rotate_weight_outputs,
+    rotation_at_strength,
     skew_from_packed,
     unrotate_weight,
     unrotate_weight_outputs,
@@ -155,6 +159,7 @@ class OFTRotationModule(nn.Module):
         self.rescale = nn.Parameter(torch.ones(in_features)) if rescale else None
         self._calls = 0
         self._warned_neumann = False
+        self._checked_strength = 1.0
 
     @property
     def num_blocks(self) -> int:
@@ -173,29 +178,43 @@ class OFTRotationModule(nn.Module):
         """``(r, b, b)`` skew generators in fp32, after the COFT projection when ``coft``."""
         return skew_from_packed(self.packed_generators(), self.block_size)
 
-    def rotation_blocks(self) -> torch.Tensor:
-        """``(r, b, b)`` fp32 rotations (one block with ``block_share``)."""
+    def rotation_blocks(self, strength: float = 1.0) -> torch.Tensor:
+        """``(r, b, b)`` fp32 rotations ``R(t·Q)`` at strength ``t`` (one block with ``block_share``)."""
         if self.use_cayley_neumann:
-            self._check_neumann_convergence()
-        return cayley_transform(self.generators(), self.use_cayley_neumann, self.num_cayley_neumann_terms)
+            self._check_neumann_convergence(strength)
+        return rotation_at_strength(self.generators(), strength, self.use_cayley_neumann, self.num_cayley_neumann_terms)
 
-    def _check_neumann_convergence(self) -> None:
+    def exact_rotation_blocks(self, strength: float = 1.0) -> torch.Tensor:
+        """``(r, b, b)`` float64 exact Cayley rotations ``R(t·Q)``, whatever the mode (for composing adapters)."""
+        return cayley_exact(strength * self.generators().double())
+
+    def _check_neumann_convergence(self, strength: float) -> None:
         # The check reads a value back to the host (a GPU sync, a graph break): skip it when compiling, and
-        # otherwise do it only every few calls, until it has warned once.
+        # otherwise do it only every few calls, until it has warned once. A new strength is checked at once.
         if self._warned_neumann or torch.compiler.is_compiling():
             return
+        if strength != self._checked_strength:
+            self._checked_strength = strength
+            self._calls = 0
         self._calls += 1
         if (self._calls - 1) % _NEUMANN_CHECK_EVERY:
             return
         with torch.no_grad():
-            bound = float(neumann_norm_bound(self.packed_generators()).max())
+            # The series runs on t·Q: a strength scales the norm that decides convergence.
+            bound = abs(strength) * float(neumann_norm_bound(self.packed_generators()).max())
         if bound >= NEUMANN_WARN_NORM:
             self._warned_neumann = True
+            at_strength = f" at strength {strength:g}" if strength != 1 else ""
             warnings.warn(
-                f"an OFT block has ‖Q‖₂ up to {bound:.3f}; the Cayley-Neumann series with "
+                f"an OFT block has ‖Q‖₂ up to {bound:.3f}{at_strength}; the Cayley-Neumann series with "
                 f"num_cayley_neumann_terms={self.num_cayley_neumann_terms} diverges at 1 and is off from an "
                 f"orthogonal matrix by about {bound ** (self.num_cayley_neumann_terms - 1):.2g}; "
-                "use the exact Cayley transform (use_cayley_neumann=False) or a smaller learning rate",
+                "use the exact Cayley transform (use_cayley_neumann=False)"
+                + (
+                    ", a smaller learning rate or a smaller strength"
+                    if strength != 1
+                    else " or a smaller learning rate"
+                ),
                 stacklevel=3,
             )
 
@@ -203,9 +222,9 @@ class OFTRotationModule(nn.Module):
         """Rotate activations ``x: (..., d)`` to ``x R`` (in the dtype of ``x``)."""
         return rotate_activations(x, self.rotation_blocks().to(x.dtype))
 
-    def get_weight(self) -> torch.Tensor:
-        """The dense ``(d, d)`` block-diagonal rotation (for inspection; forward never builds it)."""
-        return block_diagonal(self.rotation_blocks(), self.num_blocks)
+    def get_weight(self, strength: float = 1.0) -> torch.Tensor:
+        """The dense ``(d, d)`` block-diagonal rotation at ``strength`` (for inspection; forward never builds it)."""
+        return block_diagonal(self.rotation_blocks(strength), self.num_blocks)
 
     def extra_repr(self) -> str:
         mode = f"neumann({self.num_cayley_neumann_terms})" if self.use_cayley_neumann else "exact"
@@ -344,15 +363,17 @@ class OFTLayer(AdapterLayer):
     def _rotation_blocks(self, adapter_name: str) -> torch.Tensor:
         """fp32 blocks as forward uses them: dropout applied in training, shared blocks repeated only then."""
         rotation = self.rotation_module(adapter_name)
-        blocks = rotation.rotation_blocks()
+        blocks = rotation.rotation_blocks(self.strength(adapter_name))
         dropout = self._dropout(adapter_name)
         if dropout.training and dropout.p > 0:
             blocks = dropout(blocks.expand(rotation.num_blocks, -1, -1))
         return blocks
 
     def _output_scale(self, adapter_name: str) -> torch.Tensor | None:
-        """The ``(out_features,)`` scale of an output-side adapter made with ``rescale=True``, else ``None``."""
-        return self.rotation_module(adapter_name).rescale
+        """The ``(out_features,)`` scale of an output-side adapter made with ``rescale=True`` at its strength
+        (``s^t``, as BOFT's output scale), else ``None``."""
+        scale = self.rotation_module(adapter_name).rescale
+        return None if scale is None else output_scale_at_strength(scale, self.strength(adapter_name))
 
     def _rotates_outputs(self, adapter_name: str) -> bool:
         return self.rotation_module(adapter_name).rotation_side == "output"
@@ -379,12 +400,54 @@ class OFTLayer(AdapterLayer):
 
     def _weight_blocks(self, adapter_name: str) -> torch.Tensor:
         """Blocks ``B`` with merged weight ``W Bᵀ``: ``R`` for a layer that reads features, ``Rᵀ`` for an embedding."""
-        blocks = self.rotation_module(adapter_name).rotation_blocks()
+        blocks = self.rotation_module(adapter_name).rotation_blocks(self.strength(adapter_name))
         return blocks.transpose(-1, -2) if self.rotates_output else blocks
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The dense ``(d, d)`` rotation ``R`` of one adapter (activations map as ``x ↦ x R``)."""
-        return self.rotation_module(adapter_name).get_weight()
+        """The dense ``(d, d)`` rotation ``R`` of one adapter at its strength (activations map as ``x ↦ x R``)."""
+        return self.rotation_module(adapter_name).get_weight(self.strength(adapter_name))
+
+    def composed_parameters(self, adapter_names: list[str], strengths: list[float]) -> dict[str, torch.Tensor]:
+        """Packed generators of the one adapter that equals ``adapter_names`` active together, at ``strengths``.
+
+        The sources' exact Cayley rotations ``R(t·Q)`` are multiplied block by block in the order this layer
+        applies them (the last active adapter first on an input, the first on an embedding's output) and the
+        product is mapped back by the inverse Cayley transform. A source in Cayley-Neumann mode contributes
+        the exact rotation its parameters stand for (the series only approximates it), so the result is an
+        exact-mode adapter. COFT sources contribute their projected generators; the product is not projected.
+
+        Returns:
+            ``{"oft_R": (r, b(b-1)/2)}`` float32 packed generators: one row when every source shares one block
+            (``block_share``), else one per block.
+
+        Raises:
+            ValueError: if the sources differ in block size (naming them), or the product turns some plane by
+                180° (see :func:`~orthotune.functional.cayley_inverse`).
+        """
+        lycoris_style = [
+            name for name in adapter_names if self._rotates_outputs(name) or self.rotation_module(name).constraint
+        ]
+        if lycoris_style:
+            raise ValueError(
+                f"cannot compose adapters {lycoris_style}: composition is implemented for input-side adapters "
+                "without a constraint (rotation_side='input', constraint=0); merge them instead"
+            )
+        sizes = {name: self.oft_block_size[name] for name in adapter_names}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"cannot compose OFT adapters of different block sizes {sizes} in one layer: the product of "
+                "block-diagonal rotations with different blocks is not block-diagonal with either; compose adapters "
+                "trained with the same oft_block_size (or r)"
+            )
+        rotations = [
+            self.rotation_module(name).exact_rotation_blocks(strength)
+            for name, strength in zip(adapter_names, strengths, strict=True)
+        ]
+        if any(rotation.shape[0] != 1 for rotation in rotations):  # not all shared: every block on its own
+            num_blocks = self.rotation_module(adapter_names[0]).num_blocks
+            rotations = [rotation.expand(num_blocks, -1, -1) for rotation in rotations]
+        acting_order = rotations if self.rotates_output else rotations[::-1]
+        return {"oft_R": packed_from_skew(composed_generator(acting_order)).float()}
 
     def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
         key = "oft_embedding_R" if self.kind is LayerKind.EMBEDDING else "oft_R"

@@ -8,6 +8,7 @@
     orthotune merge ADAPTER_DIR --base MODEL_DIR --output MERGED_DIR
     orthotune inspect ADAPTER_DIR [--base MODEL_DIR] [--json]
     orthotune convert SOURCE --output OUT_DIR
+    orthotune export-lora ADAPTER_DIR --base MODEL_DIR --output LORA_DIR (--rank K | --tolerance T)
     orthotune --version
 
 One module per subcommand, each with ``add_parser(commands)`` and a ``run_<name>(args) -> int`` that the parser
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from orthotune import __version__
-from orthotune.cli import convert, finetune, inspect, merge
+from orthotune.cli import convert, export_lora, finetune, inspect, merge
 from orthotune.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, Parser, UsageError
 
 __all__ = ["build_parser", "main"]
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"orthotune {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for command in (finetune, merge, inspect, convert):
+    for command in (finetune, merge, inspect, convert, export_lora):
         command.add_parser(commands)
     return parser
 

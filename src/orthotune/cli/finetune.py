@@ -337,6 +337,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         evaluate,
         fit_probe,
         pooled_features,
+        predict,
         train,
     )
     from orthotune.model import get_peft_model
@@ -405,6 +406,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         flush=True,
     )
 
+    step_losses: list[float] = []
     losses = train(
         model,
         train_tokens,
@@ -415,13 +417,18 @@ def run_finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.quiet,
+        step_losses=step_losses,
     )
     trained = time.perf_counter()
-    after = evaluate(model, test_tokens, test_targets, how, eval_batch)
+    test_outputs = predict(model, test_tokens, eval_batch)
+    after = how.scores(test_outputs, test_targets)
     change = after.value - before.value
     print(f"after:     held-out {after.metric} {after.value:.4f} ({change:+.4f})")
 
+    plotted: list[str] = []
+
     def write(directory: Path) -> None:
+        plotted.append(_finetune_plots(directory, step_losses, how, test_outputs, test_data.labels))
         _save(
             directory,
             args,
@@ -459,8 +466,16 @@ def run_finetune(args: argparse.Namespace) -> int:
         f"fine-tuning {trained - probed:.0f} s)"
     )
     print(f"saved:     {output}" + (f" (merged model in {output / 'merged'})" if args.merge else ""))
+    print(plotted[0])
     _print_next_steps(output, model_dir)
     return 0
+
+
+def _finetune_plots(directory: Path, step_losses: list[float], how: Any, outputs: Any, labels: Any) -> str:
+    from orthotune.cli.plots import save_finetune_plots
+
+    predictions = (outputs.squeeze(-1).double() * how.std + how.mean).tolist() if how.task == "regression" else None
+    return save_finetune_plots(directory, step_losses, how.task, predictions, list(labels))
 
 
 def _print_next_steps(output: Path, model_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("adapter", metavar="ADAPTER_DIR", help="directory with adapter_config.json and weights")
     parser.add_argument("--base", metavar="MODEL_DIR", help="base model directory: adds hyperspherical energy")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--plot", metavar="FILE.png", help="also draw the per-layer figures into this PNG file")
     parser.set_defaults(run=run_inspect)
 
 
@@ -67,11 +69,23 @@ def run_inspect(args: argparse.Namespace) -> int:
                 f"hyperspherical energy: layers with more than {MAX_ENERGY_NEURONS} neurons use "
                 f"{MAX_ENERGY_NEURONS} evenly spaced ones (the same for base and merged)"
             )
+    plotted = _inspection_plot(report, args.plot) if args.plot else None
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
-        return 0
-    _print_inspection(adapter, report, with_energy=base is not None)
+    else:
+        _print_inspection(adapter, report, with_energy=base is not None)
+    if plotted:
+        print(plotted, file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _inspection_plot(report: Any, path: str) -> str:
+    from orthotune.cli.plots import save_inspection_plot
+
+    try:
+        return save_inspection_plot(report, path)
+    except (OSError, ValueError) as error:  # matplotlib: a missing directory, an unknown file extension
+        raise UsageError(f"--plot {path}: cannot write it ({first_line(error)})") from error
 
 
 def _print_inspection(adapter: Path, report: Any, with_energy: bool) -> None:

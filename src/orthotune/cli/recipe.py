@@ -225,11 +225,16 @@ def _fit_linear(
     head.zero_grad(set_to_none=True)
 
 
-@torch.no_grad()
 def evaluate(
     model: PooledHeadModel, tokens: TokenizedTexts, targets: torch.Tensor, how: Targets, batch_size: int
 ) -> Scores:
     """Scores of ``model`` on all of ``tokens`` (eval mode, no dropout)."""
+    return how.scores(predict(model, tokens, batch_size), targets)
+
+
+@torch.no_grad()
+def predict(model: PooledHeadModel, tokens: TokenizedTexts, batch_size: int) -> torch.Tensor:
+    """``(n, outputs)`` outputs of ``model`` on all of ``tokens``, in their order (eval mode, no dropout)."""
     was_training = model.training
     model.eval()
     outputs: torch.Tensor | None = None
@@ -240,7 +245,7 @@ def evaluate(
         outputs[indices] = batch
     model.train(was_training)
     assert outputs is not None
-    return how.scores(outputs, targets)
+    return outputs
 
 
 def train(
@@ -255,8 +260,10 @@ def train(
     seed: int,
     weight_decay: float = 0.0,
     progress: bool = True,
+    step_losses: list[float] | None = None,
 ) -> list[float]:
-    """Train every parameter of ``model`` that requires grad; returns the mean loss of each epoch.
+    """Train every parameter of ``model`` that requires grad; returns the mean loss of each epoch (and appends
+    each step's loss to ``step_losses`` when given).
 
     AdamW with linear warm-up over :data:`WARMUP_FRACTION` of the steps and linear decay to zero; gradients
     clipped to norm 1. ``epochs`` may be fractional (the last epoch is cut short).
@@ -286,7 +293,10 @@ def train(
                 optimizer.step()
                 schedule.step()
                 step += 1
-                running += loss.item() * len(indices)
+                value = loss.item()
+                running += value * len(indices)
+                if step_losses is not None:
+                    step_losses.append(value)
                 count += len(indices)
                 bar.update(1, loss=running / count)
             epoch_losses.append(running / max(1, count))

@@ -8,6 +8,9 @@
 - :mod:`~orthotune.functional.lycoris_butterfly`: LyCORIS's butterfly, which rotates a layer's outputs.
 - :mod:`~orthotune.functional.dropout`: multiplicative (block-to-identity) dropout.
 - :mod:`~orthotune.functional.householder`: HRA's products of Householder reflections (compact WY form).
+- :mod:`~orthotune.functional.strength`: an adapter at a strength ``t``: ``R(t·Q)`` and BOFT's scale ``s^t``.
+- :mod:`~orthotune.functional.compose`: the one generator of a product of rotations (adapter composition).
+- :mod:`~orthotune.functional.lowrank`: truncated SVD of a weight change, and the rank a tolerance needs.
 """
 
 from orthotune.functional.butterfly import (
@@ -18,6 +21,7 @@ from orthotune.functional.butterfly import (
     butterfly_rotate_weight,
 )
 from orthotune.functional.cayley import (
+    CAYLEY_INVERSE_MIN_DISTANCE,
     NEUMANN_WARN_NORM,
     cayley_exact,
     cayley_inverse,
@@ -35,6 +39,7 @@ from orthotune.functional.coft import (
     project_skew_jointly,
     project_to_ball,
 )
+from orthotune.functional.compose import composed_generator, rotation_product
 from orthotune.functional.dropout import drop_blocks_to_identity, drop_factor_blocks_to_identity
 from orthotune.functional.householder import (
     householder_compose,
@@ -46,6 +51,7 @@ from orthotune.functional.householder import (
     householder_unrotate_weight,
     householder_wy,
 )
+from orthotune.functional.lowrank import low_rank_factors, rank_for_tolerance, truncation_errors
 from orthotune.functional.lycoris_butterfly import (
     lycoris_butterfly_dense,
     lycoris_butterfly_fits,
@@ -72,9 +78,11 @@ from orthotune.functional.skew import (
     skew_from_packed,
     skew_part,
 )
+from orthotune.functional.strength import generator_at_strength, output_scale_at_strength, rotation_at_strength
 
 __all__ = [
     "LYCORIS_NORM_EPS",
+    "CAYLEY_INVERSE_MIN_DISTANCE",
     "NEUMANN_WARN_NORM",
     "block_diagonal",
     "block_size_from_packed",
@@ -89,6 +97,7 @@ __all__ = [
     "cayley_inverse",
     "cayley_neumann",
     "coft_radius",
+    "composed_generator",
     "drop_blocks_to_identity",
     "drop_factor_blocks_to_identity",
     "householder_compose",
@@ -107,20 +116,27 @@ __all__ = [
     "lycoris_butterfly_unrotate_activations",
     "lycoris_butterfly_unrotate_weight",
     "lycoris_radius",
+    "generator_at_strength",
+    "low_rank_factors",
     "neumann_norm_bound",
     "orthogonality_error",
+    "output_scale_at_strength",
     "packed_from_skew",
     "packed_size",
     "project_coft",
     "project_packed_jointly",
     "project_skew_jointly",
     "project_to_ball",
+    "rank_for_tolerance",
     "rotate_activations",
     "rotate_outputs",
     "rotate_weight",
     "rotate_weight_outputs",
+    "rotation_at_strength",
+    "rotation_product",
     "skew_from_packed",
     "skew_part",
+    "truncation_errors",
     "unrotate_weight",
     "unrotate_weight_outputs",
 ]

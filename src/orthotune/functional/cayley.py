@@ -156,35 +156,6 @@ def cayley_transform(q: torch.Tensor, use_neumann: bool = False, num_neumann_ter
     return cayley_neumann(q, num_neumann_terms) if use_neumann else cayley_exact(q)
 
 
-def cayley_inverse(rotation: torch.Tensor) -> torch.Tensor:
-    """The generator ``Q = (R - I)(R + I)⁻¹`` of a rotation, so that ``cayley_exact(Q) == R``.
-
-    From ``R(I - Q) = I + Q``: ``(I + R)Q = R - I``, solved with one ``torch.linalg.solve`` in float64 (where the
-    device has it). ``R + I`` and ``R - I`` commute, so the order of the product does not matter. For an
-    orthogonal ``R`` the result is skew-symmetric; for a nearly orthogonal one (a rotation stored in half
-    precision) take :func:`~orthotune.functional.skew.skew_part` of it.
-
-    Args:
-        rotation: ``(..., b, b)`` orthogonal, without the eigenvalue ``-1`` (a half turn in some plane has no
-            Cayley generator: ``R + I`` is singular there).
-
-    Returns:
-        ``(..., b, b)`` in the dtype of ``rotation``.
-
-    Raises:
-        ValueError: if ``R + I`` is singular for some block.
-    """
-    work = rotation.to(_solve_dtype(rotation))
-    eye = _identity_like(work)
-    generator, info = torch.linalg.solve_ex(eye + work, work - eye)
-    if bool((info != 0).any()) or not bool(torch.isfinite(generator).all()):
-        raise ValueError(
-            "rotation has the eigenvalue -1 in some block (R + I is singular), so it is not the Cayley transform "
-            "of any generator; such a block cannot be represented as an OFT adapter"
-        )
-    return generator.to(rotation.dtype)
-
-
 def neumann_norm_bound(packed: torch.Tensor) -> torch.Tensor:
     """Upper bound on ``‖Q‖₂`` per block, from packed generators ``(..., b(b-1)/2)``.
 
@@ -197,3 +168,42 @@ def orthogonality_error(rotation: torch.Tensor) -> torch.Tensor:
     """``max ‖RᵀR - I‖₂`` (spectral norm) over a batch ``(..., b, b)``; zero for an exact rotation."""
     gram = rotation.transpose(-1, -2) @ rotation
     return torch.linalg.matrix_norm(gram - _identity_like(gram), ord=2).max()
+
+
+#: ``cayley_inverse`` refuses a rotation with an eigenvalue closer than this to -1 (a turn within about
+#: 2e-6 rad of 180°): its generator would exceed 1e6 in norm, every digit of it rounding noise.
+CAYLEY_INVERSE_MIN_DISTANCE = 1e-6
+
+
+def cayley_inverse(rotation: torch.Tensor) -> torch.Tensor:
+    """The generator ``Q`` with ``cayley_exact(Q) == R``: ``Q = (R - I)(R + I)⁻¹``, the exact inverse map.
+
+    From ``R = (I + Q)(I - Q)⁻¹``: ``R - I = (R + I)Q``, and ``(R - I)`` and ``(R + I)⁻¹`` commute (both are
+    functions of ``R``). Computed with one ``torch.linalg.solve`` in float64 (where the device has it) and
+    rounded once to the dtype of ``rotation``. For an orthogonal ``R`` the result is skew-symmetric up to
+    rounding; pass the result through :func:`~orthotune.functional.skew.skew_part` to make it exactly so.
+
+    Args:
+        rotation: ``(..., b, b)`` orthogonal with ``det R = +1`` and no eigenvalue ``-1``.
+
+    Returns:
+        ``(..., b, b)`` skew-symmetric ``Q``, same dtype as ``rotation``.
+
+    Raises:
+        ValueError: if some ``R`` has an eigenvalue at (or within :data:`CAYLEY_INVERSE_MIN_DISTANCE` of) -1:
+            a turn by 180°, which no Cayley generator reaches (``θ = 2·arctan ω`` stays below 180°).
+    """
+    work = rotation.to(_solve_dtype(rotation))
+    eye = _identity_like(work)
+    plus = work + eye
+    # For an orthogonal R, R + I is normal: its singular values are |1 + λ| over the eigenvalues λ of R.
+    distance = torch.linalg.svdvals(plus).amin(dim=-1) if plus.numel() else plus.new_ones(plus.shape[:-2])
+    if bool((distance <= CAYLEY_INVERSE_MIN_DISTANCE).any()):
+        worst = float(distance.min())
+        raise ValueError(
+            f"cayley_inverse: a rotation has an eigenvalue at -1 (smallest |1 + λ| = {worst:.2g}): it turns some "
+            "plane by 180°, which no Cayley generator reaches (the angle 2·arctan ω of R(Q) stays below 180°); "
+            "the rotation has no generator. When composing adapters, lower a weight so the combined turn stays "
+            "under 180°"
+        )
+    return torch.linalg.solve(plus, work - eye).to(rotation.dtype)
