@@ -38,7 +38,8 @@ class LayerAdapter:
             with ``Q = (Aᵀ - A)/2``, the layout of ``boft_R[name]``. float32.
         block_size: ``b``.
         num_blocks: ``D``, blocks along the rotated width (per factor for ``boft``; counting the repeats of a
-            shared block), so the width is ``D · b``.
+            shared block), so the width is ``D · b``. 0 for a ``block_share`` OFT adapter whose file does not say
+            the width (OneTrainer's): the shared block then repeats over whatever width the layer has.
         rotation_side: ``"input"`` (the features the layer reads, ``W ↦ W Rᵀ``) or ``"output"`` (what it writes,
             before the bias, ``W ↦ s ⊙ (Rᵀ W)``). A ``boft`` adapter's butterfly is peft's on the input side and
             LyCORIS's on the output side.
@@ -51,6 +52,11 @@ class LayerAdapter:
         use_cayley_neumann, num_cayley_neumann_terms: ``oft``: the truncated series instead of the exact transform.
         weight_ndim: dimensions of the base layer's weight (2 linear, 4 Conv2d), which fixes the shape a file gives
             ``rescale``; ``None`` when not known.
+        conv2d_transposed: ``oft``: the rotation is the *transpose* of the generators' one when the adapter sits on
+            a Conv2d layer, and their own on any other layer. OneTrainer's files mean this (its Conv2d path
+            multiplies the flattened weight by ``R`` where its linear path multiplies by ``Rᵀ``), and the file
+            does not say which kind of layer a name is; :func:`add_layer_adapter` negates the generators for a
+            Conv2d layer (``R(-Q) = R(Q)ᵀ``, for the exact transform and the Cayley-Neumann series alike).
         source: the file's own name for the layer, for messages.
     """
 
@@ -68,6 +74,7 @@ class LayerAdapter:
     use_cayley_neumann: bool = False
     num_cayley_neumann_terms: int = 5
     weight_ndim: int | None = None
+    conv2d_transposed: bool = False
     source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -75,6 +82,13 @@ class LayerAdapter:
             raise ValueError(f"method={self.method!r} must be one of {list(METHODS)}")
         check_rotation_side(self.rotation_side)
         check_constraint(self.constraint)
+        if self.num_blocks == 0 and not (self.method == "oft" and self.block_share and self.rescale is None):
+            raise ValueError(
+                f"{self.source or 'adapter'}: num_blocks=0 (width set by the layer) is only for a block_share OFT "
+                "adapter without rescale; give the number of blocks"
+            )
+        if self.conv2d_transposed and self.method != "oft":
+            raise ValueError(f"{self.source or 'adapter'}: conv2d_transposed is an OFT setting, not {self.method!r}")
         expected = self.expected_generator_shape()
         if tuple(self.generators.shape) != expected:
             raise ValueError(
@@ -90,7 +104,7 @@ class LayerAdapter:
 
     @property
     def features(self) -> int:
-        """The rotated width ``D · b``."""
+        """The rotated width ``D · b`` (0 when the layer decides, see ``num_blocks``)."""
         return self.num_blocks * self.block_size
 
     def expected_generator_shape(self) -> tuple[int, ...]:
@@ -153,6 +167,8 @@ def add_layer_adapter(layer: AdapterLayer, adapter_name: str, adapter: LayerAdap
     if adapter.method == "oft":
         if not isinstance(layer, OFTLayer):
             raise TypeError(f"{where}: an OFT adapter needs an OFT layer, not {type(layer).__name__}")
+        if adapter.num_blocks == 0:
+            _check_shared_block_fits(layer, adapter, where)
         layer.update_layer(
             adapter_name,
             r=adapter.num_blocks,
@@ -167,8 +183,11 @@ def add_layer_adapter(layer: AdapterLayer, adapter_name: str, adapter: LayerAdap
             constraint=adapter.constraint,
         )
         rotation = layer.rotation_module(adapter_name)
+        generators = adapter.generators
+        if adapter.conv2d_transposed and layer.kind is LayerKind.CONV2D:
+            generators = -generators
         with torch.no_grad():
-            rotation.weight.copy_(adapter.generators)
+            rotation.weight.copy_(generators)
             if adapter.rescale is not None and rotation.rescale is not None:
                 rotation.rescale.copy_(adapter.rescale)
         return
@@ -194,6 +213,17 @@ def add_layer_adapter(layer: AdapterLayer, adapter_name: str, adapter: LayerAdap
         if adapter.rescale is not None:
             scale = layer.boft_s[adapter_name]
             scale.copy_(adapter.rescale.reshape(scale.shape))
+
+
+def _check_shared_block_fits(layer: OFTLayer, adapter: LayerAdapter, where: str) -> None:
+    # Without this check update_layer would move a block size that does not divide the width to a nearby
+    # divisor (peft's rule for configs), and the file's block would no longer fit.
+    width = layer.out_features if adapter.rotation_side == "output" else layer.rotated_features
+    if width % adapter.block_size:
+        raise ValueError(
+            f"{where}: the adapter's shared block of {adapter.block_size} does not divide the layer's {width} "
+            "rotated features; it was made for another layer"
+        )
 
 
 def _most_common(values: list[Any]) -> Any:
