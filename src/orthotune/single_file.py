@@ -37,11 +37,13 @@ from orthotune.targeting import top_level_modules
 __all__ = [
     "SingleFile",
     "file_layer_adapters",
+    "layers_by_file_name",
     "load_model_file",
     "model_layer_adapters",
     "module_names",
     "plan_layer_adapters",
     "read_single_file",
+    "renamed_for_format",
     "save_model_file",
     "write_single_file",
 ]
@@ -120,6 +122,51 @@ def file_layer_adapters(
     if not adapters:
         raise AdapterFileError(f"{file.path} ({file.format.NAME}): no layer of the file matches a module of the model")
     return adapters
+
+
+def layers_by_file_name(file: SingleFile) -> dict[str, LayerAdapter]:
+    """The file's adapters without a model, by ``"<prefix>.<rest of the name>"`` (``"lora_unet.down_blocks_0_…"``).
+
+    Without the model a layer's module path is unknown (its ``_`` may stand for ``.``), so each layer keeps the
+    name it has in the file, split after its prefix; the format's writer with ``prefixes={p: p}`` gives the
+    same names back. Keys with no known prefix are an error that lists them.
+    """
+    known = sorted(file.format.PIPELINE_PREFIXES, key=len, reverse=True)
+    names = set()
+    for key in file.tensors:
+        layer = key.partition(".")[0]
+        prefix = next((p for p in known if layer.startswith(p + "_")), None)
+        names.add(layer if prefix is None else f"{prefix}.{layer[len(prefix) + 1 :]}")
+    return file_layer_adapters(file, sorted(names), {prefix: prefix for prefix in known})
+
+
+def renamed_for_format(
+    adapters: Mapping[str, LayerAdapter], source: ModuleType, target: ModuleType
+) -> dict[str, LayerAdapter]:
+    """Adapters named by :func:`layers_by_file_name` for ``source``, renamed to ``target``'s prefixes.
+
+    A prefix keeps its name where ``target`` has it, and otherwise becomes ``target``'s prefix for the same
+    pipeline component; of several (LyCORIS's ``lora_te`` and ``lora_te1``), the one ending in ``1`` when the
+    file also addresses a second text encoder (SDXL's naming), else the first.
+    """
+    components = {prefix.partition(".")[0]: source.PIPELINE_PREFIXES[prefix.partition(".")[0]] for prefix in adapters}
+    two_text_encoders = "text_encoder_2" in components.values()
+    mapping = {}
+    for prefix, component in components.items():
+        if prefix in target.PIPELINE_PREFIXES:
+            mapping[prefix] = prefix
+            continue
+        candidates = [p for p, c in target.PIPELINE_PREFIXES.items() if c == component]
+        if not candidates:
+            raise ValueError(
+                f"{source.NAME} prefix {prefix!r} addresses {component or 'the whole model'!r}, for which "
+                f"{target.NAME} has no prefix"
+            )
+        numbered = [p for p in candidates if p.endswith("1")]
+        mapping[prefix] = numbered[0] if two_text_encoders and numbered else candidates[0]
+    return {
+        f"{mapping[name.partition('.')[0]]}.{name.partition('.')[2]}": adapter for name, adapter in adapters.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------------ planning

@@ -13,7 +13,9 @@ A format is a module in :data:`FORMATS` that defines:
 - ``detect(state_dict) -> bool``: whether a file's keys are this format's (no two formats claim one file);
 - ``read(state_dict, module_names, prefixes=None, ignore_unmatched=False) -> dict[str, LayerAdapter]``: the
   adapters by module name, ``prefixes`` mapping a prefix to the module path its names are relative to;
-- optionally ``write(adapters, prefixes=None, dtype=torch.float32) -> dict[str, torch.Tensor]``.
+- optionally ``write(adapters, prefixes=None, dtype=torch.float32) -> dict[str, torch.Tensor]``;
+- optionally ``ROTATION_SIDE``: ``"input"`` or ``"output"`` where every file of the format rotates that side
+  (``orthotune convert`` refuses to change sides, with the reason).
 
 Adding a format is adding its module to :data:`FORMATS`; loading (:func:`orthotune.from_file`), saving
 (:meth:`orthotune.OrthoModel.save_file`), ``orthotune inspect`` and ``orthotune convert`` find it there.

@@ -388,6 +388,8 @@ def write_lycoris(
 
 # ------------------------------------------------------------------------- the format contract (formats/)
 NAME = "lycoris"
+#: The side every LyCORIS OFT/BOFT file rotates.
+ROTATION_SIDE = "output"
 #: LyCORIS's prefixes to the diffusers pipeline component each addresses (``lycoris_``: the model it wrapped).
 PIPELINE_PREFIXES: dict[str, str] = {
     "lycoris": "",
