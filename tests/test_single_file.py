@@ -375,3 +375,25 @@ def test_peft_would_load_an_output_side_directory_as_another_model(tmp_path) -> 
         gap = rel_err(theirs(x), wrapped(x))  # peft's outputs, not the adapter's
     document_upstream_defect(gap > 1e-2, "peft 0.21.2 loads an output-side OFT directory as an input-side adapter")
     assert rel_err(orthotune.OrthoModel.from_pretrained(copy.deepcopy(square), tmp_path)(x), wrapped(x)) <= 1e-6
+
+
+def test_renaming_between_formats_follows_the_pipeline_component() -> None:
+    """Prefixes map by the component they address; SDXL's two text encoders get LyCORIS's numbered prefixes."""
+    import types
+
+    from orthotune.formats import LayerAdapter, lycoris
+    from orthotune.single_file import renamed_for_format
+
+    other = types.SimpleNamespace(
+        NAME="other",
+        PIPELINE_PREFIXES={"oft_unet": "unet", "oft_te": "text_encoder", "oft_te2": "text_encoder_2", "oft": ""},
+    )
+    adapter = LayerAdapter("oft", torch.zeros(2, 1), 2, 2, rotation_side="output")
+    sd15 = renamed_for_format({"oft_unet.a_b": adapter, "oft_te.c": adapter, "oft.d": adapter}, other, lycoris)
+    assert sorted(sd15) == ["lora_te.c", "lora_unet.a_b", "lycoris.d"]
+    sdxl = renamed_for_format({"oft_te.c": adapter, "oft_te2.c": adapter}, other, lycoris)
+    assert sorted(sdxl) == ["lora_te1.c", "lora_te2.c"]
+    assert renamed_for_format({"lora_te.c": adapter}, lycoris, lycoris) == {"lora_te.c": adapter}
+    with pytest.raises(ValueError, match="'oft_vae' addresses 'vae', for which lycoris has no prefix"):
+        other.PIPELINE_PREFIXES["oft_vae"] = "vae"
+        renamed_for_format({"oft_vae.x": adapter}, other, lycoris)
