@@ -56,7 +56,7 @@ def run_rank(rank: int, world_size: int, port: int, out_dir: str) -> None:
 
 def _scenario(rank: int, world_size: int, method: str, stage: int, save_dir: str) -> dict[str, Any]:
     import deepspeed
-    from conftest import rel_err
+    from references import rel_err
 
     from orthotune.integrations.distributed import merge_adapter_zero3, unmerge_adapter_zero3
 

@@ -103,7 +103,7 @@ def one_process_references() -> dict[str, dict[str, torch.Tensor]]:
 
 def assert_saved_adapter_matches(saved: pathlib.Path, method: str, references: dict, tolerance: float) -> None:
     """The adapter saved in ``saved`` is rank 0's alone, reloads, and is within ``tolerance`` of one process."""
-    from conftest import rel_err
+    from references import rel_err
 
     import orthotune
 

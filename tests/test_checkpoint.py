@@ -12,7 +12,7 @@ import warnings
 import pytest
 import safetensors.torch
 import torch
-from conftest import rel_err
+from references import rel_err
 from safetensors.torch import load_file, save_file
 from tiny_models import tiny_bert, tiny_llama, token_batch
 

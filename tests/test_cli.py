@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from references import cli_commands, run_cli
 from safetensors import safe_open
 
 import orthotune
@@ -66,42 +67,26 @@ def jsonl_file(tmp_path: Path) -> Path:
     return path
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Exit status, stdout and stderr of ``orthotune ARGV`` run in this process."""
-    try:
-        status = cli.main(list(argv))
-    except SystemExit as exit_:
-        status = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
-
-
 # ------------------------------------------------------------------------------------------ help, version
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = run(capsys, "--version")
+    status, out, _ = run_cli(capsys, "--version")
     assert status == 0
     assert out.strip() == f"orthotune {orthotune.__version__}"
 
 
-def _commands() -> list[str]:
-    parser = cli.build_parser()
-    subparsers = next(action for action in parser._actions if action.dest == "command")
-    return sorted(subparsers.choices)
-
-
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    assert "finetune" in _commands()
-    status, out, _ = run(capsys, "--help")
+    assert "finetune" in cli_commands()
+    status, out, _ = run_cli(capsys, "--help")
     assert status == 0 and "usage: orthotune" in out
-    for command in _commands():
-        status, out, _ = run(capsys, command, "--help")
+    for command in cli_commands():
+        status, out, _ = run_cli(capsys, command, "--help")
         assert status == 0, command
         assert f"usage: orthotune {command}" in out
         assert "(default: None)" not in out and "(default: False)" not in out
 
 
 def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
-    status, out, _ = run(capsys)
+    status, out, _ = run_cli(capsys)
     assert status != 0 and "finetune" in out
 
 
@@ -181,14 +166,14 @@ def test_bad_input_is_one_line_and_writes_nothing(
             argv += [option, value]
     output = tmp_path / "out" / "adapter"
     before = _leftovers(tmp_path)
-    status, _, err = run(capsys, "finetune", *argv, "--output", str(output), "--quiet")
+    status, _, err = run_cli(capsys, "finetune", *argv, "--output", str(output), "--quiet")
     assert_one_line_error(status, err, *fragments)
     assert not output.parent.exists()
     assert _leftovers(tmp_path) == before
 
 
 def test_data_options_need_a_data_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    status, _, err = run(
+    status, _, err = run_cli(
         capsys, "finetune", "--task", "regression", "--text-column", "t", "--output", str(tmp_path / "o")
     )
     assert_one_line_error(status, err, "--text-column, --task describe a --data file")
@@ -200,7 +185,7 @@ def test_existing_output_needs_overwrite(capsys: pytest.CaptureFixture[str], tmp
     output.mkdir()
     (output / "keep.txt").write_text("mine", encoding="utf-8")
     # Checked first: the missing data file is not even looked at.
-    status, _, err = run(capsys, "finetune", "--output", str(output), "--data", str(tmp_path / "missing.csv"))
+    status, _, err = run_cli(capsys, "finetune", "--output", str(output), "--data", str(tmp_path / "missing.csv"))
     assert_one_line_error(status, err, "already exists", "--overwrite")
     assert _leftovers(output) == ["keep.txt"]
     assert _leftovers(tmp_path) == ["adapter"]
@@ -218,7 +203,7 @@ def test_bad_data_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> N
     for name, (content, fragment) in cases.items():
         path = tmp_path / name
         path.write_text(content, encoding="utf-8")
-        status, _, err = run(capsys, "finetune", "--data", str(path), "--output", str(tmp_path / "out"))
+        status, _, err = run_cli(capsys, "finetune", "--data", str(path), "--output", str(tmp_path / "out"))
         assert_one_line_error(status, err, fragment)
         assert not (tmp_path / "out").exists()
 
@@ -236,7 +221,7 @@ def test_failure_while_saving_leaves_nothing(
 
     monkeypatch.setattr(cli.finetune, "_save", half_save)
     output = tmp_path / "new" / "adapter"
-    status, _, err = run(
+    status, _, err = run_cli(
         capsys,
         "finetune",
         "--model",
@@ -264,7 +249,7 @@ def test_finetune_classification_end_to_end(
     output = tmp_path / "adapter"
     output.mkdir()
     (output / "stale.txt").write_text("old run", encoding="utf-8")
-    status, out, err = run(
+    status, out, err = run_cli(
         capsys,
         "finetune",
         "--model",
@@ -335,7 +320,7 @@ def test_finetune_boft_regression_on_jsonl(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_model: Path, jsonl_file: Path
 ) -> None:
     output = tmp_path / "boft"
-    status, out, err = run(
+    status, out, err = run_cli(
         capsys,
         "finetune",
         "--model",

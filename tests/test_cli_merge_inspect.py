@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import run
+from references import run_cli
 
 import orthotune
 from orthotune.checkpoint import read_adapter_files
@@ -95,7 +95,7 @@ def test_merge_saved_model_gives_adapted_outputs(
     with torch.no_grad():
         expected_out = adapted(**INPUTS, output_hidden_states=True)
     expected, expected_hidden = expected_out.logits, expected_out.hidden_states[-1]
-    status, out, err = run(
+    status, out, err = run_cli(
         capsys, "merge", str(tmp_path / "adapter"), "--base", str(base_dir), "--output", str(tmp_path / "merged")
     )
     assert status == 0, err
@@ -121,7 +121,7 @@ def test_merge_without_task_type_uses_the_architecture(
     adapted = _make_adapter(base_dir, tmp_path / "adapter", config, scale=0.05)
     with torch.no_grad():
         expected = adapted(**INPUTS).logits
-    status, _, err = run(
+    status, _, err = run_cli(
         capsys, "merge", str(tmp_path / "adapter"), "--base", str(base_dir), "--output", str(tmp_path / "merged")
     )
     assert status == 0, err
@@ -140,17 +140,17 @@ def test_merge_bad_input_is_one_line_and_writes_nothing(
         (str(adapter), str(tmp_path / "missing"), "does not exist"),
     ]
     for adapter_arg, base_arg, words in cases:
-        status, out, err = run(capsys, "merge", adapter_arg, "--base", base_arg, "--output", str(tmp_path / "o"))
+        status, out, err = run_cli(capsys, "merge", adapter_arg, "--base", base_arg, "--output", str(tmp_path / "o"))
         assert status != 0 and words in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "o").exists()
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("keep")
-    status, _, err = run(capsys, "merge", str(adapter), "--base", str(base_dir), "--output", str(existing))
+    status, _, err = run_cli(capsys, "merge", str(adapter), "--base", str(base_dir), "--output", str(existing))
     assert status != 0 and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert [path.name for path in existing.iterdir()] == ["keep.txt"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "existing"]
-    status, _, err = run(
+    status, _, err = run_cli(
         capsys, "merge", str(adapter), "--base", str(base_dir), "--output", str(existing), "--overwrite"
     )
     assert status == 0, err
@@ -167,7 +167,7 @@ def test_merge_refuses_an_adapter_for_another_model(tmp_path: Path, capsys: pyte
     orthotune.get_peft_model(
         transformers.BertModel.from_pretrained(bert), orthotune.OFTConfig(oft_block_size=8, target_modules=["query"])
     ).save_pretrained(tmp_path / "adapter")
-    status, _, err = run(
+    status, _, err = run_cli(
         capsys, "merge", str(tmp_path / "adapter"), "--base", str(gpt2), "--output", str(tmp_path / "o")
     )
     assert status != 0 and len(err.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
@@ -211,7 +211,7 @@ def test_inspect_matches_dense_computation(
     adapter = tmp_path / "adapter"
     config = orthotune.OFTConfig(oft_block_size=8, target_modules=["query", "value"], use_cayley_neumann=neumann)
     _make_adapter(base_dir, adapter, config, scale=0.15)
-    status, out, err = run(capsys, "inspect", str(adapter), "--json")
+    status, out, err = run_cli(capsys, "inspect", str(adapter), "--json")
     assert status == 0, err
     report = json.loads(out)
     error, angle = _dense_oft_truth(adapter)
@@ -235,10 +235,10 @@ def test_inspect_flags_neumann_near_divergence(
     adapter = tmp_path / "adapter"
     config = orthotune.OFTConfig(oft_block_size=8, target_modules=["query"], use_cayley_neumann=True)
     _make_adapter(base_dir, adapter, config, scale=0.5)  # ‖packed‖₂ ≈ 0.5·√28 > 0.9
-    status, out, _ = run(capsys, "inspect", str(adapter))
+    status, out, _ = run_cli(capsys, "inspect", str(adapter))
     assert status == 0
     assert "near divergence" in out and "warning:" in out
-    status, out, _ = run(capsys, "inspect", str(adapter), "--json")
+    status, out, _ = run_cli(capsys, "inspect", str(adapter), "--json")
     assert all(layer["neumann_near_divergence"] for layer in json.loads(out)["layers"])
 
 
@@ -248,7 +248,7 @@ def test_inspect_boft_reports_factors_and_energy(
     adapter = tmp_path / "adapter"
     config = orthotune.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["query", "value"])
     adapted = _make_adapter(base_dir, adapter, config)
-    status, out, err = run(capsys, "inspect", str(adapter), "--base", str(base_dir), "--json")
+    status, out, err = run_cli(capsys, "inspect", str(adapter), "--base", str(base_dir), "--json")
     assert status == 0, err
     report = json.loads(out)
     layer = report["layers"][0]
@@ -275,7 +275,7 @@ def test_inspect_boft_reports_factors_and_energy(
     assert abs(energy["relative_change"]) < 1e-6
     assert (merged_weight - base_weight).abs().max() > 1e-3  # the weights did change
     assert report["total"]["max_abs_relative_energy_change"] < 1e-6
-    status, out, err = run(capsys, "inspect", str(adapter), "--base", str(base_dir))
+    status, out, err = run_cli(capsys, "inspect", str(adapter), "--base", str(base_dir))
     assert status == 0 and "ΔHE" in out and "boft_R" not in out
 
 
@@ -294,10 +294,10 @@ def test_energy_subsamples_deterministically() -> None:
 
 
 def test_inspect_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    status, _, err = run(capsys, "inspect", str(tmp_path / "missing"))
+    status, _, err = run_cli(capsys, "inspect", str(tmp_path / "missing"))
     assert status != 0 and "does not exist" in err and len(err.strip().splitlines()) == 1
     (tmp_path / "empty").mkdir()
-    status, _, err = run(capsys, "inspect", str(tmp_path / "empty"))
+    status, _, err = run_cli(capsys, "inspect", str(tmp_path / "empty"))
     assert status != 0 and "adapter_config.json" in err and len(err.strip().splitlines()) == 1
 
 
@@ -313,7 +313,7 @@ def test_convert_refuses_lycoris_with_the_reason(tmp_path: Path, capsys: pytest.
         },
         str(source),
     )
-    status, _, err = run(capsys, "convert", str(source), "--output", str(tmp_path / "out"))
+    status, _, err = run_cli(capsys, "convert", str(source), "--output", str(tmp_path / "out"))
     assert status != 0 and "outputs" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
 
@@ -325,9 +325,9 @@ def test_convert_peft_roundtrip_and_refuses_lycoris_target(
     _make_adapter(
         base_dir, adapter, orthotune.OFTConfig(oft_block_size=8, target_modules=["query"], use_cayley_neumann=False)
     )
-    status, _, err = run(capsys, "convert", str(adapter), "--to", "lycoris", "--output", str(tmp_path / "l"))
+    status, _, err = run_cli(capsys, "convert", str(adapter), "--to", "lycoris", "--output", str(tmp_path / "l"))
     assert status != 0 and "inputs" in err and not (tmp_path / "l").exists()
-    status, _, err = run(capsys, "convert", str(adapter), "--output", str(tmp_path / "p"))
+    status, _, err = run_cli(capsys, "convert", str(adapter), "--output", str(tmp_path / "p"))
     assert status == 0, err
     before, after = read_adapter_files(adapter), read_adapter_files(tmp_path / "p")
     assert before.tensors.keys() == after.tensors.keys()
@@ -366,9 +366,9 @@ def test_convert_old_peft_oft_file_needs_base_and_keeps_outputs(
         },
         str(old / "adapter_model.safetensors"),
     )
-    status, _, err = run(capsys, "convert", str(old), "--output", str(tmp_path / "new"))
+    status, _, err = run_cli(capsys, "convert", str(old), "--output", str(tmp_path / "new"))
     assert status != 0 and "--base" in err and not (tmp_path / "new").exists()
-    status, _, err = run(capsys, "convert", str(old), "--base", str(base_dir), "--output", str(tmp_path / "new"))
+    status, _, err = run_cli(capsys, "convert", str(old), "--base", str(base_dir), "--output", str(tmp_path / "new"))
     assert status == 0, err
     assert read_adapter_files(tmp_path / "new").config.peft_type == "BOFT"
     with torch.no_grad():

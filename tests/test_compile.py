@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch._dynamo
 import torch._dynamo.testing
-from conftest import rel_err
+from references import rel_err
 from torch import nn
 
 from orthotune import boft, oft

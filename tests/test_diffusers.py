@@ -20,7 +20,7 @@ import os
 
 import pytest
 import torch
-from conftest import document_upstream_defect, rel_err
+from references import document_upstream_defect, rel_err
 from safetensors.torch import load_file
 
 import orthotune
@@ -272,18 +272,6 @@ def test_adapter_config_names_the_diffusers_base_model(tmp_path) -> None:
         written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
         assert written["base_model_name_or_path"] == name
         assert written["auto_mapping"]["base_model_class"] == "UNet2DConditionModel"
-
-
-@pytest.fixture
-def peft_boft_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """peft silently forces boft_n_butterfly_factor=1 without its CUDA extension; give it a CPU block_diag."""
-    boft_layer = pytest.importorskip("peft.tuners.boft.layer")
-
-    class BlockDiag:
-        apply = staticmethod(lambda blocks: torch.stack([torch.block_diag(*factor) for factor in blocks]))
-
-    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: True)
-    monkeypatch.setattr(boft_layer, "FastBlockDiag", BlockDiag)
 
 
 @pytest.mark.usefixtures("peft_boft_without_cuda")

@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import cayley_reference, dense_block_diag, rel_err, skew_reference
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from peft.tuners.oft.layer import OFTRotationModule as PeftRotation
+from references import cayley_reference, dense_block_diag, randn, rel_err, skew_reference
 
 from orthotune.functional import (
     block_diagonal,
@@ -34,11 +34,6 @@ from orthotune.functional import (
 
 FAST = settings(max_examples=25, deadline=None)
 seeds = st.integers(0, 2**31 - 1)
-
-
-def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64, scale: float = 1.0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
 
 
 def spectral_norm(m: torch.Tensor) -> torch.Tensor:

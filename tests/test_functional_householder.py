@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from references import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import HRAConfig as PeftHRAConfig
 from peft.tuners.hra.layer import HRALinear as PeftHRALinear
+from references import randn, rel_err
 
 from orthotune.functional import (
     householder_compose,
@@ -28,11 +28,6 @@ from orthotune.functional import (
 FAST = settings(max_examples=25, deadline=None)
 seeds = st.integers(0, 2**31 - 1)
 DTYPES = {"fp32": (torch.float32, 2e-5), "fp64": (torch.float64, 1e-12)}
-
-
-def randn(*shape: int, seed: int, dtype: torch.dtype = torch.float64, scale: float = 1.0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
 
 
 def sequential_reference(u: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,10 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
-from references import document_upstream_defect, rel_err
 from peft import HRAConfig as PeftHRAConfig
 from peft.tuners.hra.layer import HRAConv2d as PeftHRAConv2d
 from peft.tuners.hra.layer import HRALinear as PeftHRALinear
+from references import conv2d_unfold_reference, document_upstream_defect, rel_err
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -67,21 +66,6 @@ def make(cls: type, base: nn.Module, name: str = "default", **kwargs) -> HRALaye
         return cls(base, name, **kwargs)
 
 
-def conv_unfold_reference(conv: nn.Conv2d, weight: torch.Tensor, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """The base convolution on patches ``p ↦ p Hᵀ`` (float64, through ``F.unfold``)."""
-    n, _, height, width = x.shape
-    cols = F.unfold(x.double(), conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    out = cols.transpose(1, 2) @ h.t() @ weight.double().reshape(weight.shape[0], -1).t()
-    size = [
-        (extent + 2 * p - d * (k - 1) - 1) // s + 1
-        for extent, p, d, k, s in zip(
-            (height, width), conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True
-        )
-    ]
-    out = out.transpose(1, 2).reshape(n, weight.shape[0], *size)
-    return out if conv.bias is None else out + conv.bias.double().view(1, -1, 1, 1)
-
-
 # ------------------------------------------------------------------------------------------- vs peft
 @pytest.mark.parametrize("apply_gs", [False, True])
 @pytest.mark.parametrize("r", [4, 5])
@@ -115,7 +99,7 @@ def test_conv2d_with_a_non_square_kernel_equals_the_unfolded_reference(apply_gs:
     assert ours.hra_u["default"].shape == (2 * 3 * 2, 4)
     x = torch.randn(2, 2, 8, 9)
     h = householder_reference(ours.hra_u["default"], apply_gs)
-    assert rel_err(ours(x), conv_unfold_reference(base, base.weight, x, h)) <= 1e-5
+    assert rel_err(ours(x), conv2d_unfold_reference(base, base.weight, base.bias, x, h.t())) <= 1e-5
     # peft sizes hra_u as in_channels·kh² and cannot run this layer at all
     theirs = peft_layer(PeftHRAConv2d, copy.deepcopy(base), 4, apply_gs)
     try:

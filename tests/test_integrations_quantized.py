@@ -16,8 +16,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import load_benchmark, rel_err, rotation_reference
-from test_boft import dense_reference as boft_dense_reference
+from references import boft_dense_reference, load_benchmark, rel_err, rotation_reference
 from tiny_models import tiny_llama_wide
 from torch import nn
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import rel_err
+from references import rel_err
 from tiny_models import tiny_llama, token_batch
 
 import orthotune

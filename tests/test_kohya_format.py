@@ -239,3 +239,26 @@ def test_kohya_refuses_what_it_cannot_read_exactly() -> None:
     layer = oft.Conv2d(nn.Conv2d(4, 8, 1), "k", r=2, rotation_side="output")
     with pytest.raises(ValueError, match="give 6 features but the layer has 8"):
         add_layer_adapter(layer, "k", adapter)
+
+
+def test_from_file_reads_a_kohya_file_into_a_model_with_kohyas_outputs(tmp_path) -> None:
+    """The whole path: a kohya file on disk, detected among every format, loaded into a model by
+    ``orthotune.from_file``; every layer gives kohya's forward, merged or not."""
+    from safetensors.torch import save_file
+
+    import orthotune
+
+    model = UNetLike()
+    state = kohya_state_dict(model, num_blocks=2, alpha=0.02)
+    path = tmp_path / "kohya_oft.safetensors"
+    save_file(state, str(path))
+    originals = {name: copy.deepcopy(module) for name, module in model.named_modules() if name in INPUTS}
+    adapted = orthotune.from_file(model, path)
+    for merged in (False, True):
+        if merged:
+            adapted.merge_adapter()
+        for name, shape in INPUTS.items():
+            x = torch.randn(shape)
+            blocks = state["oft_unet_" + name.replace(".", "_") + ".oft_blocks"]
+            expected = kohya_forward(originals[name], blocks, 0.02, x)
+            assert rel_err(adapted.get_base_model().get_submodule(name)(x), expected) <= 1e-5

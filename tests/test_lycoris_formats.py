@@ -14,9 +14,9 @@ import logging
 
 import pytest
 import torch
-from references import rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from references import rel_err
 from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err
+from references import rel_err
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 

@@ -1,6 +1,6 @@
 """OFT layers (:mod:`orthotune.oft`): the spec's API, exactness against dense references, and peft 0.21.2.
 
-References are built from the packed parameters in float64 (``conftest.rotation_reference``) and from the
+References are built from the packed parameters in float64 (``references.rotation_reference``) and from the
 original base weights, never from the layer's own rotation; Conv2d is checked against an ``F.unfold`` model.
 """
 
@@ -15,10 +15,16 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import dense_block_diag, document_upstream_defect, rel_err, rotation_reference, skew_reference
 from peft import OFTConfig
 from peft.tuners.oft import layer as peft_oft
+from references import (
+    conv2d_unfold_reference,
+    dense_block_diag,
+    document_upstream_defect,
+    rel_err,
+    rotation_reference,
+    skew_reference,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -42,21 +48,6 @@ def reference_rotation(layer: OFTLayer, name: str, features: int = D) -> torch.T
     """Dense float64 ``R`` of adapter ``name`` from its packed parameters (exact Cayley)."""
     block_size = layer.oft_block_size[name]
     return rotation_reference(layer.oft_R[name].weight, block_size, features // block_size)
-
-
-def conv2d_unfold_reference(conv: nn.Conv2d, weight: torch.Tensor, bias, x: torch.Tensor, rotation) -> torch.Tensor:
-    """Conv2d with every patch's in·kh·kw features rotated by ``rotation`` (float64, ``F.unfold`` based)."""
-    n, _, height, width = x.shape
-    cols = F.unfold(x.double(), conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    out = cols.transpose(1, 2) @ rotation @ weight.double().reshape(weight.shape[0], -1).T  # (N, L, out)
-    size = [
-        (extent + 2 * p - d * (k - 1) - 1) // s + 1
-        for extent, p, d, k, s in zip(
-            (height, width), conv.padding, conv.dilation, conv.kernel_size, conv.stride, strict=True
-        )
-    ]
-    out = out.transpose(1, 2).reshape(n, weight.shape[0], *size)
-    return out if bias is None else out + bias.double().view(1, -1, 1, 1)
 
 
 @dataclass

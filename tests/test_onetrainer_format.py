@@ -354,3 +354,25 @@ def test_onetrainer_reference_equals_ours_across_shapes(
     with torch.no_grad():
         expected = onetrainer_forward(base, rotation, x)
         assert rel_err(layer(x), expected) <= (CANS_TOLERANCE if cans else 4 * TOLERANCE)
+
+
+def test_from_file_reads_a_onetrainer_file_into_a_model_with_onetrainers_outputs(tmp_path) -> None:
+    """The whole path: a OneTrainer file on disk, detected among every format and loaded by
+    ``orthotune.from_file`` (each layer with its own block size), gives OneTrainer's forward."""
+    from safetensors.torch import save_file
+
+    import orthotune
+
+    model = Tiny()
+    originals = copy.deepcopy(model)
+    state = onetrainer_state_dict(0.2, scaled=True, clip=None, cans=False)
+    path = tmp_path / "onetrainer_oft.safetensors"
+    save_file(state, str(path))
+    adapted = orthotune.from_file(model, path)
+    generator = torch.Generator().manual_seed(5)
+    for name, (_, _, shape) in LAYERS.items():
+        rotation = onetrainer_rotation(state[f"lora_unet_{name}.oft_R.weight"], True, None, False)
+        x = torch.randn(shape, generator=generator)
+        with torch.no_grad():
+            expected = onetrainer_forward(originals.get_submodule(name), rotation, x)
+            assert rel_err(adapted.get_base_model().get_submodule(name)(x), expected) <= TOLERANCE, name

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import document_upstream_defect, rel_err
+from references import document_upstream_defect, rel_err
 from safetensors.torch import load_file
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, token_batch
 
@@ -85,18 +85,6 @@ BOFT_CASES = {
         {"boft_block_size": 8, "target_modules": ["key", "dense"], "bias": "boft_only", "task_type": "SEQ_CLS"},
     ),
 }
-
-
-@pytest.fixture
-def peft_boft_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """peft silently forces boft_n_butterfly_factor=1 without its CUDA extension; give it a CPU block_diag."""
-    import peft.tuners.boft.layer as boft_layer
-
-    class BlockDiag:
-        apply = staticmethod(lambda blocks: torch.stack([torch.block_diag(*factor) for factor in blocks]))
-
-    monkeypatch.setattr(boft_layer, "get_fbd_cuda", lambda: True)
-    monkeypatch.setattr(boft_layer, "FastBlockDiag", BlockDiag)
 
 
 def _outputs(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

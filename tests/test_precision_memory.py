@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import load_benchmark, rel_err, rotation_reference
+from references import load_benchmark, rel_err, rotation_reference
 from torch import nn
 
 import orthotune

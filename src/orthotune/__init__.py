@@ -3,7 +3,8 @@
 Layers live in :mod:`orthotune.oft` and :mod:`orthotune.boft`; the math they share, as pure functions on
 tensors, in :mod:`orthotune.functional`. Whole models get peft's API: :class:`OFTConfig`/:class:`BOFTConfig`,
 :func:`get_peft_model`, and :class:`OrthoModel` (also named :data:`PeftModel`), whose adapter files are
-peft's. See ``docs/architecture.md`` for where each part lives.
+peft's; :func:`from_file` loads a single-file adapter (LyCORIS, …) into a model or a diffusers pipeline.
+See ``docs/architecture.md`` for where each part lives.
 
 The public names below are imported on first use (PEP 562), so ``import orthotune`` and ``orthotune --help``
 import neither torch nor anything else until a name is asked for.
@@ -24,8 +25,10 @@ _EXPORTS = {
     "OFTConfig": "orthotune.config",
     "OrthoModel": "orthotune.model",
     "PeftModel": "orthotune.model",
-    "get_peft_model": "orthotune.model",
     "export_lora": "orthotune.lora_export",
+    "from_file": "orthotune.pipeline",
+    "get_peft_model": "orthotune.model",
+    "load_pipeline_file": "orthotune.pipeline",
 }
 _SUBMODULES = ("functional",)
 
@@ -38,8 +41,10 @@ __all__ = [
     "PeftModel",
     "__version__",
     "export_lora",
+    "from_file",
     "functional",
     "get_peft_model",
+    "load_pipeline_file",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports these on first use
@@ -48,6 +53,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from orthotune.config import BOFTConfig, HRAConfig, OFTConfig
     from orthotune.lora_export import export_lora
     from orthotune.model import OrthoModel, PeftModel, get_peft_model
+    from orthotune.pipeline import from_file, load_pipeline_file
 
 
 def __getattr__(name: str) -> Any:

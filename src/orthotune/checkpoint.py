@@ -68,6 +68,8 @@ def save_adapter_files(
     """
     from safetensors.torch import save_file
 
+    check_peft_expressible(config, os.fspath(directory))
+
     os.makedirs(directory, exist_ok=True)
     weights_path = os.path.join(directory, WEIGHTS_NAME)
     config_path = os.path.join(directory, CONFIG_NAME)
@@ -78,6 +80,21 @@ def save_adapter_files(
             config_path: lambda path: write_bytes(path, config.to_json_string().encode()),
         }
     )
+
+
+def check_peft_expressible(config: AdapterConfig, what: str) -> None:
+    """Refuse to write an output-side adapter in peft's format, which cannot say which side a rotation is on.
+
+    peft 0.21.2 drops the settings it does not know (``rotation_side``, with a warning) and, wherever a layer's
+    input and output widths give the same shapes, loads the tensors as an input-side adapter: another model,
+    silently. Such adapters are written as LyCORIS files, which mean the output side.
+    """
+    if getattr(config, "rotation_side", "input") == "output":
+        raise ValueError(
+            f"{what}: this {config.peft_type} adapter rotates layer outputs (rotation_side='output'), which peft's "
+            "files cannot express (peft would load it as an input-side adapter and compute something else); "
+            "write it with save_file(path, format='lycoris') instead"
+        )
 
 
 def _clone_for_file(tensor: torch.Tensor) -> torch.Tensor:
@@ -142,9 +159,6 @@ def read_adapter_files(directory: str | os.PathLike[str]) -> AdapterFile:
 
 
 def _read_safetensors(directory: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.isfile(path):
         pickled = [name for name in ("adapter_model.bin", "adapter_model.pt") if os.path.isfile(f"{directory}/{name}")]
@@ -155,12 +169,30 @@ def _read_safetensors(directory: str) -> dict[str, torch.Tensor]:
             else ""
         )
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory!r}{hint}")
+    return read_safetensors(path)
+
+
+def read_safetensors(path: str, allow_flags: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file on the CPU, each checked to be floating point and finite.
+
+    Args:
+        allow_flags: also accept boolean and integer tensors (single-file formats store settings as such
+            markers, OneTrainer's ``scaled_oft`` say); the format's reader decides what they mean.
+
+    Raises:
+        AdapterFileError: the file is damaged, or holds a tensor that is no adapter weight.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         tensors = load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterFileError(f"{path} is not a readable safetensors file ({error}); the file is damaged") from error
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
+            if allow_flags and not tensor.is_complex():
+                continue
             raise AdapterFileError(f"{path}: {key} has dtype {tensor.dtype}; adapter weights are floating point")
         if not torch.isfinite(tensor).all():
             raise AdapterFileError(f"{path}: {key} holds NaN or infinite values; the adapter is broken")
@@ -357,6 +389,8 @@ def save_model_adapters(
     unknown = [name for name in names if name not in model.peft_config]
     if unknown:
         raise ValueError(f"selected_adapters={unknown}: this model has adapters {list(model.peft_config)}")
+    for name in names:  # before anything is written
+        check_peft_expressible(model.peft_config[name], f"adapter {name!r}")
     own_keys = {id(value): key for key, value in model.state_dict(keep_vars=True).items()} if state_dict else {}
     files = {}
     for name in names:

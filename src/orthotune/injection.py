@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -52,6 +53,8 @@ class AdapterPlan:
         existing: module name → the adapter layer already there (the adapter is added to it on commit).
         copies: module name → the adapter's trainable copy of a ``modules_to_save`` module.
         wrappers: module name → a new wrapper for a module not wrapped yet.
+        layer_arguments: module name → ``update_layer`` arguments of a layer whose own differ from the config's
+            (a file's layers each have their own block size); by default ``config.layer_kwargs()``.
     """
 
     adapter_name: str
@@ -60,6 +63,7 @@ class AdapterPlan:
     existing: dict[str, AdapterLayer] = field(default_factory=dict)
     copies: dict[str, nn.Module] = field(default_factory=dict)
     wrappers: dict[str, ModulesToSaveWrapper] = field(default_factory=dict)
+    layer_arguments: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         """File keys of everything the adapter owns (its rotations and module copies)."""
@@ -113,7 +117,8 @@ def commit_plan(model: nn.Module, plan: AdapterPlan) -> None:
             continue
         with warnings.catch_warnings():  # the plan's layer has already said what it adjusted
             warnings.simplefilter("ignore")
-            existing.update_layer(plan.adapter_name, **plan.config.layer_kwargs())
+            arguments = plan.layer_arguments.get(name) or plan.config.layer_kwargs()
+            existing.update_layer(plan.adapter_name, **arguments)
         source = layer_tensors(name, layer, plan.adapter_name)
         with torch.no_grad():
             for key, tensor in layer_tensors(name, existing, plan.adapter_name).items():

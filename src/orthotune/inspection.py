@@ -16,12 +16,16 @@ With the base weights, :func:`hyperspherical_energy` measures how a merge moved 
 same orthogonal ``R`` and BOFT's output scale only changes their lengths, so the energy is unchanged up to
 rounding: OFT's central claim, checked on the real weights.
 
+Single-file adapters (LyCORIS, …) are reported from their :class:`~orthotune.formats.LayerAdapter` s the same
+way, with the side they rotate, LyCORIS's constraint (``alpha``, and whether it binds) and the output scale.
+
 Everything here is a pure function of tensors; nothing reads files or imports transformers.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,15 +33,19 @@ import torch
 
 from orthotune.checkpoint import MODEL_PREFIX, OFT_ROTATION_SUFFIXES, AdapterFile
 from orthotune.config import AdapterConfig, BOFTConfig, OFTConfig
+from orthotune.formats.layer_adapter import LayerAdapter
 from orthotune.functional import (
     NEUMANN_WARN_NORM,
     block_size_from_packed,
     boft_generators,
     cayley_exact,
     cayley_transform,
+    lycoris_radius,
     neumann_norm_bound,
     orthogonality_error,
     project_coft,
+    project_packed_jointly,
+    project_skew_jointly,
     skew_from_packed,
 )
 
@@ -64,8 +72,13 @@ class LayerReport:
     #: Largest ``‖packed‖₂`` (a bound on ``‖Q‖₂``); only for the Cayley-Neumann series.
     neumann_norm_bound: float | None = None
     neumann_near_divergence: bool = False
-    #: BOFT's output scale ``s``: smallest and largest entry.
+    #: BOFT's output scale ``s`` (an output-side adapter's ``rescale``): smallest and largest entry.
     output_scale_range: tuple[float, float] | None = None
+    #: ``"input"`` (peft's OFT/BOFT: the features a layer reads) or ``"output"`` (LyCORIS: what it writes).
+    rotation_side: str = "input"
+    #: LyCORIS's ``alpha`` (0: none) and the factor it scales the generators by (1: the bound does not bind).
+    constraint: float = 0.0
+    constraint_scale: float = 1.0
     #: Filled by :func:`hyperspherical_energy_change` when base weights are given.
     energy: dict[str, Any] | None = None
 
@@ -76,6 +89,8 @@ class AdapterReport:
 
     peft_type: str
     layers: list[LayerReport]
+    #: The file format: ``"peft"`` for an adapter directory, else a single-file format's name (``"lycoris"``).
+    format: str = "peft"
     #: Tensors saved in full (``modules_to_save`` heads, biases), and their size.
     other_tensors: int = 0
     other_parameters: int = 0
@@ -101,7 +116,13 @@ class AdapterReport:
         energies = [layer.energy["relative_change"] for layer in values if layer.energy is not None]
         if energies:
             total["max_abs_relative_energy_change"] = max(abs(value) for value in energies)
-        return {"peft_type": self.peft_type, "layers": layers, "total": total, "notes": list(self.notes)}
+        return {
+            "format": self.format,
+            "peft_type": self.peft_type,
+            "layers": layers,
+            "total": total,
+            "notes": list(self.notes),
+        }
 
 
 # --------------------------------------------------------------------------------------------- rotations
@@ -197,6 +218,62 @@ def inspect_adapter(file: AdapterFile) -> AdapterReport:
         other_parameters=sum(tensor.numel() for tensor in others),
         notes=notes,
     )
+
+
+def layer_adapter_report(name: str, adapter: LayerAdapter) -> LayerReport:
+    """Report on one layer's adapter as a single-file format describes it (either side, either method).
+
+    The rotations are the ones the layer applies: COFT-projected, then held within LyCORIS's joint bound
+    ``‖Q‖_F ≤ alpha · width`` (all of the layer's generators together), then Cayley (or its series).
+    """
+    radius = lycoris_radius(adapter.constraint, adapter.features)
+    if adapter.method == "oft":
+        packed = adapter.generators.double()
+        packed = project_coft(packed, adapter.eps) if adapter.coft else packed
+        used = project_packed_jointly(packed, radius)
+        skew = skew_from_packed(used, adapter.block_size)
+        before = skew_from_packed(packed, adapter.block_size)
+        neumann, terms = adapter.use_cayley_neumann, adapter.num_cayley_neumann_terms
+        rotations = cayley_transform(skew, neumann, terms)
+        method, cayley = ("COFT" if adapter.coft else "OFT"), (f"neumann({terms})" if neumann else "exact")
+    else:
+        before = boft_generators(adapter.generators.double())
+        skew = project_skew_jointly(before, radius)
+        rotations, method, cayley = cayley_exact(skew), "BOFT", "exact"
+    norm_before = float(torch.linalg.vector_norm(before))
+    scale = adapter.rescale
+    return LayerReport(
+        name=name,
+        method=method,
+        block_size=adapter.block_size,
+        num_blocks=adapter.generators.shape[-2] if adapter.method == "oft" else adapter.num_blocks,
+        butterfly_factors=adapter.num_factors,
+        parameters=adapter.generators.numel() + (scale.numel() if scale is not None else 0),
+        max_generator_norm=float(torch.linalg.matrix_norm(skew).max()),
+        max_angle_degrees=max_rotation_angle(rotations),
+        orthogonality_error=float(orthogonality_error(rotations)),
+        cayley=cayley,
+        block_share=adapter.block_share,
+        coft=adapter.coft,
+        output_scale_range=None if scale is None else (float(scale.min()), float(scale.max())),
+        rotation_side=adapter.rotation_side,
+        constraint=adapter.constraint,
+        constraint_scale=float(torch.linalg.vector_norm(skew)) / norm_before if norm_before > 0 else 1.0,
+    )
+
+
+def inspect_layer_adapters(adapters: Mapping[str, LayerAdapter], format_name: str) -> AdapterReport:
+    """Report on the layers of a single-file adapter (``{layer name: LayerAdapter}``) of ``format_name``."""
+    layers = [layer_adapter_report(name, adapter) for name, adapter in sorted(adapters.items())]
+    methods = sorted({"OFT" if adapter.method == "oft" else "BOFT" for adapter in adapters.values()})
+    notes = []
+    binding = [layer.name for layer in layers if layer.constraint_scale < 1 - 1e-12]
+    if binding:
+        notes.append(
+            f"the constraint (alpha) binds in {len(binding)} of {len(layers)} layers: their generators are scaled "
+            "down to ‖Q‖_F = alpha · width (the angles shown are after that)"
+        )
+    return AdapterReport(peft_type="+".join(methods), layers=layers, format=format_name, notes=notes)
 
 
 def _strip_prefix(key: str) -> str:

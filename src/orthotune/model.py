@@ -25,7 +25,7 @@ import functools
 import inspect
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +47,7 @@ from orthotune.composition import add_weighted_adapter
 from orthotune.config import AdapterConfig, as_orthotune_config
 from orthotune.injection import AdapterPlan, commit_plan, plan_adapter
 from orthotune.modules_to_save import ModulesToSaveWrapper
+from orthotune.single_file import load_model_file, save_model_file
 from orthotune.targeting import top_level_modules
 
 __all__ = ["OrthoModel", "OrthoTuner", "PeftModel", "get_peft_model"]
@@ -467,7 +468,31 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
             state_dict=state_dict,
         )
 
+    def save_file(
+        self,
+        path: str | os.PathLike[str],
+        format: str = "lycoris",
+        adapter_name: str | None = None,
+        prefixes: Mapping[str, str] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """Write one adapter as a single ``.safetensors`` file of another tool (e.g. LyCORIS's, for an output-side
+        adapter), atomically; see :func:`orthotune.single_file.save_model_file` for the arguments."""
+        save_model_file(self, path, format, adapter_name, prefixes, dtype)
+
     # ------------------------------------------------------------------------------------- loading
+    def load_file(
+        self,
+        path: str | os.PathLike[str],
+        adapter_name: str = "default",
+        prefixes: Mapping[str, str] | None = None,
+        ignore_unmatched: bool = False,
+        is_trainable: bool = False,
+    ) -> None:
+        """Load a single-file adapter (LyCORIS, …; its format detected) as ``adapter_name``, checked before the
+        model is touched; see :func:`orthotune.single_file.load_model_file` for the arguments."""
+        load_model_file(self, path, adapter_name, prefixes, ignore_unmatched, is_trainable)
+
     def load_adapter(
         self,
         model_id: str | os.PathLike[str],

@@ -22,11 +22,18 @@ def add_parser(commands: Any) -> None:
             "(largest |arg λ| of any block's eigenvalues), the orthogonality error ‖RᵀR − I‖₂ of the rotation "
             "the layer applies (Cayley-Neumann when the config says so) and a warning where that series is near "
             "divergence. With --base, also the relative change of each layer's hyperspherical energy between "
-            "the base and merged weights (about 0: the rotation acts on the inputs)."
+            "the base and merged weights (about 0: the rotation acts on the inputs). A single .safetensors file "
+            "(LyCORIS diag-oft/boft, legacy oft_diag) is described from its tensors alone: its format, the side "
+            "it rotates, and per layer also LyCORIS's constraint (alpha; where it binds, the angles are after it) "
+            "and the output scale (rescale)."
         ),
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("adapter", metavar="ADAPTER_DIR", help="directory with adapter_config.json and weights")
+    parser.add_argument(
+        "adapter",
+        metavar="ADAPTER",
+        help="directory with adapter_config.json and weights, or a single-file .safetensors adapter (LyCORIS, …)",
+    )
     parser.add_argument("--base", metavar="MODEL_DIR", help="base model directory: adds hyperspherical energy")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--plot", metavar="FILE.png", help="also draw the per-layer figures into this PNG file")
@@ -54,6 +61,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     from orthotune.inspection import MAX_ENERGY_NEURONS, inspect_adapter
 
     adapter = Path(args.adapter)
+    if adapter.is_file():
+        return _inspect_single_file(args, adapter)
     file = adapter_file(args.adapter)
     base = base_dir(args.base) if args.base else None
     try:
@@ -79,6 +88,28 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_single_file(args: argparse.Namespace, path: Path) -> int:
+    from orthotune.inspection import inspect_layer_adapters
+    from orthotune.single_file import layers_by_file_name, read_single_file
+
+    if args.base:
+        raise UsageError("--base is for adapter directories; a single file is described from its tensors alone")
+    try:
+        file = read_single_file(path)
+        layers = {adapter.source or name: adapter for name, adapter in layers_by_file_name(file).items()}
+        report = inspect_layer_adapters(layers, file.format.NAME)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path}: {first_line(error)}") from error
+    plotted = _inspection_plot(report, args.plot) if args.plot else None
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_inspection(path, report, with_energy=False)
+    if plotted:
+        print(plotted, file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def _inspection_plot(report: Any, path: str) -> str:
     from orthotune.cli.plots import save_inspection_plot
 
@@ -90,6 +121,10 @@ def _inspection_plot(report: Any, path: str) -> str:
 
 def _print_inspection(adapter: Path, report: Any, with_energy: bool) -> None:
     columns = ["layer", "method", "block", "blocks", "m", "params", "max‖Q‖F", "angle°", "‖RᵀR−I‖₂", "cayley"]
+    single_file = report.format != "peft"
+    if single_file:
+        columns[2:2] = ["side"]
+        columns += ["alpha", "rescale"]
     if with_energy:
         columns.append("ΔHE rel")
     rows = []
@@ -107,6 +142,12 @@ def _print_inspection(adapter: Path, report: Any, with_energy: bool) -> None:
             f"{layer.orthogonality_error:.2g}",
             cayley,
         ]
+        if single_file:
+            row[2:2] = [layer.rotation_side]
+            binds = f" (binds ×{layer.constraint_scale:.2g})" if layer.constraint_scale < 1 - 1e-12 else ""
+            row.append(f"{layer.constraint:g}{binds}")
+            scale = layer.output_scale_range
+            row.append("-" if scale is None else f"{scale[0]:.3g}…{scale[1]:.3g}")
         if with_energy:
             energy = layer.energy
             row.append("n/a" if energy is None else f"{energy['relative_change']:+.2g}")
@@ -114,7 +155,9 @@ def _print_inspection(adapter: Path, report: Any, with_energy: bool) -> None:
     widths = [
         max(len(column), *(len(row[i]) for row in rows)) if rows else len(column) for i, column in enumerate(columns)
     ]
-    print(f"adapter:   {adapter} ({report.peft_type}, {len(report.layers)} adapted layers)")
+    sides = sorted({layer.rotation_side for layer in report.layers})
+    kind = f"{report.format}: {report.peft_type}, {'/'.join(sides)} side" if single_file else report.peft_type
+    print(f"adapter:   {adapter} ({kind}, {len(report.layers)} adapted layers)")
     print("  ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True)))
     for row in rows:
         print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)))

@@ -119,3 +119,34 @@ def load_adapted_model(adapter: Path, file: Any, base: Path) -> Any:
         raise UsageError(
             f"adapter {adapter} does not fit --base {base} loaded as {model_class.__name__}: {first_line(error)}"
         ) from error
+
+
+def load_base_model(base: Path) -> Any:
+    """The model in a local directory, for its module names: a diffusers model (``_class_name`` in its config)
+    or a transformers one (its architecture's class, else ``AutoModel``), in eval mode."""
+    try:
+        config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--base {base}: config.json cannot be read ({first_line(error)})") from error
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    try:
+        if class_name:
+            try:
+                import diffusers
+            except ImportError as error:
+                raise UsageError(f"--base {base} is a diffusers {class_name}: pip install diffusers") from error
+            model_class = getattr(diffusers, class_name, None)
+            if model_class is None:
+                raise UsageError(f"--base {base}: this diffusers has no {class_name}")
+        else:
+            transformers = import_transformers()
+            architectures = config.get("architectures") or [] if isinstance(config, dict) else []
+            model_class = getattr(transformers, architectures[0], None) if architectures else None
+            model_class = model_class or transformers.AutoModel
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return model_class.from_pretrained(base, local_files_only=True).eval()
+    except UsageError:
+        raise
+    except Exception as error:  # the libraries raise OSError, ValueError, KeyError, … for a bad directory
+        raise UsageError(f"--base {base} cannot be loaded ({first_line(error)})") from error

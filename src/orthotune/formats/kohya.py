@@ -47,6 +47,10 @@ logger = logging.getLogger(__name__)
 NAME = "kohya"
 #: kohya's name prefix (``OFTNetwork.OFT_PREFIX_UNET``), to the module path its names are relative to.
 KOHYA_PREFIXES: dict[str, str] = {"oft_unet": ""}
+#: The side kohya's OFT rotates (``W' = Rᵀ W``, like LyCORIS's diag-oft).
+ROTATION_SIDE = "output"
+#: kohya's prefix to the diffusers pipeline component it addresses (its OFT adapts the UNet only).
+PIPELINE_PREFIXES: dict[str, str] = {"oft_unet": "unet"}
 #: kohya's constant in its norm clamp, ``(min(‖Q‖, c) + 1e-8) / (‖Q‖ + 1e-8)``.
 KOHYA_NORM_EPS = 1e-8
 _SPLIT_BLOCKS = re.compile(r"oft_blocks\.\d+")

@@ -384,3 +384,20 @@ def write_lycoris(
         if adapter.rescale is not None:
             state[f"{name}.rescale"] = _rescale_tensor(adapter, module, dtype)
     return state
+
+
+# ------------------------------------------------------------------------- the format contract (formats/)
+NAME = "lycoris"
+#: The side every LyCORIS OFT/BOFT file rotates.
+ROTATION_SIDE = "output"
+#: LyCORIS's prefixes to the diffusers pipeline component each addresses (``lycoris_``: the model it wrapped).
+PIPELINE_PREFIXES: dict[str, str] = {
+    "lycoris": "",
+    "lora_unet": "unet",
+    "lora_te": "text_encoder",
+    "lora_te1": "text_encoder",
+    "lora_te2": "text_encoder_2",
+}
+detect = detect_lycoris
+read = read_lycoris
+write = write_lycoris

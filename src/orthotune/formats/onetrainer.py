@@ -63,6 +63,17 @@ ONETRAINER_PREFIXES: dict[str, str] = {
     "lora_te3": "",
     "lora_transformer": "",
 }
+#: The side OneTrainer's OFT rotates: peft's (``x ↦ x R``, merged ``W ↦ W Rᵀ``).
+ROTATION_SIDE = "input"
+#: OneTrainer's prefixes to the diffusers pipeline component each addresses.
+PIPELINE_PREFIXES: dict[str, str] = {
+    "lora_unet": "unet",
+    "lora_transformer": "transformer",
+    "lora_te": "text_encoder",
+    "lora_te1": "text_encoder",
+    "lora_te2": "text_encoder_2",
+    "lora_te3": "text_encoder_3",
+}
 #: OneTrainer's OFT tensors, by their suffix after the layer name.
 OFT_SUFFIXES = (".oft_R.weight", ".oft_R.scaled_oft", ".oft_R.clipped_oft", ".oft_R.cans_oft")
 #: Tensors of OneTrainer variants that have no orthogonal reading here, with the reason.
