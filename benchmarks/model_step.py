@@ -78,7 +78,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 # The working tree's orthotune (not an installed copy), and the shared helpers next to this file, also when the
-# file is loaded by path (``tests/conftest.py::load_benchmark``).
+# file is loaded by path (``tests/references.py::load_benchmark``).
 _HERE = Path(__file__).resolve().parent
 for _path in (_HERE.parent / "src", _HERE):
     if _path.is_dir() and str(_path) not in sys.path:

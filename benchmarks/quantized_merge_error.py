@@ -9,7 +9,7 @@ random layer and inputs, for every backend that is installed:
 * ``merge``: what requantizing after the rotation adds, ``‖merged(x) − unmerged(x)‖ / ‖unmerged(x)‖``;
 * ``unmerge``: whether unmerge gives back the packed weight bit for bit (it keeps the pre-merge storage).
 
-Norms are Frobenius norms over a batch of inputs. ``tests/test_quantized.py`` checks the same quantities with
+Norms are Frobenius norms over a batch of inputs. ``tests/test_integrations_quantized.py`` checks the same quantities with
 the same code; the table in docs/reach.md comes from::
 
     python benchmarks/quantized_merge_error.py --markdown
