@@ -23,7 +23,11 @@ _EXPORTS = {
     "OFTConfig": "orthotune.config",
     "OrthoModel": "orthotune.model",
     "PeftModel": "orthotune.model",
+    "PeftType": "orthotune.config",
     "get_peft_model": "orthotune.model",
+    "get_peft_model_state_dict": "orthotune.state_dict",
+    "inject_adapter_in_model": "orthotune.state_dict",
+    "set_peft_model_state_dict": "orthotune.state_dict",
 }
 _SUBMODULES = ("functional",)
 
@@ -33,16 +37,21 @@ __all__ = [
     "OFTConfig",
     "OrthoModel",
     "PeftModel",
+    "PeftType",
     "__version__",
     "functional",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_peft_model_state_dict",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports these on first use
     from orthotune import functional
     from orthotune.adapter_layer import AdapterLayer
-    from orthotune.config import BOFTConfig, OFTConfig
+    from orthotune.config import BOFTConfig, OFTConfig, PeftType
     from orthotune.model import OrthoModel, PeftModel, get_peft_model
+    from orthotune.state_dict import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
 
 def __getattr__(name: str) -> Any:
