@@ -52,7 +52,6 @@ from orthotune.config import AdapterConfig, PeftType, as_orthotune_config
 from orthotune.injection import AdapterPlan, commit_plan, plan_adapter
 from orthotune.model_card import update_model_card
 from orthotune.modules_to_save import ModulesToSaveWrapper
-from orthotune.targeting import top_level_modules
 from orthotune.tuner import ForwardsAttributes, OrthoTuner
 
 __all__ = ["OrthoModel", "OrthoTuner", "PeftModel", "get_peft_model"]
@@ -144,49 +143,14 @@ class OrthoModel(ForwardsAttributes):
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward; ``adapter_names`` (inference only) gives each sample its own adapter,
         ``"__base__"`` for none."""
-        with self._adapter_names_applied(adapter_names):
+        with self.base_model.per_sample_adapters(adapter_names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's ``generate``, with ``adapter_names`` as in :meth:`forward`."""
-        with self._adapter_names_applied(adapter_names):
+        with self.base_model.per_sample_adapters(adapter_names):
             generate: Any = self.get_base_model().generate
             return generate(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _adapter_names_applied(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
-        """Pass ``adapter_names`` to every adapter layer and wrapper for the duration of one call."""
-        if adapter_names is None:
-            yield
-            return
-        if isinstance(adapter_names, str):
-            raise TypeError(f"adapter_names={adapter_names!r} must be a list with one adapter name per sample")
-        adapter_names = list(adapter_names)
-        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER_NAME})
-        if unknown:
-            raise ValueError(
-                f"adapter_names has unknown adapters {unknown}; this model has {list(self.peft_config)} and "
-                f"{BASE_ADAPTER_NAME!r} for the base model"
-            )
-        if self.get_base_model().training:
-            raise RuntimeError("adapter_names (one adapter per sample) works in inference only; call model.eval()")
-        merged = sorted({name for _, layer in self.adapter_layers() for name in layer.merged_adapters})
-        if merged:
-            raise ValueError(f"adapter_names cannot be used while adapters {merged} are merged; call unmerge_adapter()")
-
-        def pass_names(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return args, {**kwargs, "adapter_names": adapter_names}
-
-        handles = [
-            module.register_forward_pre_hook(pass_names, with_kwargs=True)
-            for _, module in top_level_modules(self.get_base_model())
-            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper))
-        ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # ----------------------------------------------------------------------------------------- adapters
     @property

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from orthotune.adapter_layer import ActiveAdapters, AdapterLayer
+from orthotune.adapter_layer import BASE_ADAPTER_NAME, ActiveAdapters, AdapterLayer
 from orthotune.config import AdapterConfig
 from orthotune.modules_to_save import ModulesToSaveWrapper
 from orthotune.targeting import top_level_modules, trained_biases
@@ -89,6 +89,42 @@ class OrthoTuner(ActiveAdapters, ForwardsAttributes):
         """Model names of the biases that train (and are saved) with ``bias="all"`` or ``"<method>_only"``."""
         return trained_biases(self.model, bias, adapter_name)
 
+    @contextlib.contextmanager
+    def per_sample_adapters(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
+        """Pass ``adapter_names`` (one adapter per sample, ``"__base__"`` for none) to every adapter layer and
+        wrapper for the duration of one call (``OrthoModel.forward(..., adapter_names=...)``)."""
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names={adapter_names!r} must be a list with one adapter name per sample")
+        adapter_names = list(adapter_names)
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER_NAME})
+        if unknown:
+            raise ValueError(
+                f"adapter_names has unknown adapters {unknown}; this model has {list(self.peft_config)} and "
+                f"{BASE_ADAPTER_NAME!r} for the base model"
+            )
+        if self.model.training:
+            raise RuntimeError("adapter_names (one adapter per sample) works in inference only; call model.eval()")
+        merged = sorted({name for _, layer in self.adapter_layers() for name in layer.merged_adapters})
+        if merged:
+            raise ValueError(f"adapter_names cannot be used while adapters {merged} are merged; call unmerge_adapter()")
+
+        def pass_names(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return args, {**kwargs, "adapter_names": adapter_names}
+
+        handles = [
+            module.register_forward_pre_hook(pass_names, with_kwargs=True)
+            for _, module in top_level_modules(self.model)
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper))
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     # ---------------------------------------------------------------------------------------- activating
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool | None = None) -> None:
         """Make ``adapter_name`` (or several, applied in order) the active adapters; only they train.
@@ -122,7 +158,7 @@ class OrthoTuner(ActiveAdapters, ForwardsAttributes):
         if inference_mode is None:
             inference_mode = all(self.peft_config[name].inference_mode for name in active)
         for _, layer in self.adapter_layers():
-            layer.set_adapter([name for name in active if name in layer.adapter_names], inference_mode=inference_mode)
+            layer.set_adapter(active, inference_mode=inference_mode)  # each layer skips names it does not hold
         for _, wrapper in self.modules_to_save_wrappers():
             wrapper.set_adapter(active, inference_mode=inference_mode)
         if inference_mode:
