@@ -315,12 +315,40 @@ def test_configs_are_peft_s(tmp_path) -> None:
             lib.BOFTConfig.from_pretrained(str(tmp_path))
 
 
-def test_from_pretrained_uses_the_config_passed(adapter_dir) -> None:
-    for lib in LIBRARIES.values():
+def test_the_config_passed_is_the_model_s_config(adapter_dir) -> None:
+    resolved = {}
+    for name, lib in LIBRARIES.items():
         config = _config(lib, target_modules=["q_proj", "embed_tokens"], use_cayley_neumann=False)
         model = lib.PeftModel.from_pretrained(tiny_llama(), adapter_dir, config=config, is_trainable=True)
         assert model.peft_config["default"] is config and config.inference_mode is False
         assert _trainable(model)
+        config = _config(lib, target_modules="all-linear", task_type="SEQ_CLS")
+        model = lib.get_peft_model(tiny_bert(), config, revision="v1")
+        assert model.peft_config["default"] is config and config.revision == "v1"
+        resolved[name] = (config.target_modules, config.modules_to_save)  # resolved in place
+    assert resolved["orthotune"][0] == resolved["peft"][0] and "bert.pooler.dense" in resolved["peft"][0]
+    assert set(resolved["orthotune"][1]) == set(resolved["peft"][1]) == {"classifier", "score"}
+
+
+def test_mismatched_shapes_in_a_state_dict(adapter_dir) -> None:
+    results = {}
+    for name, lib in LIBRARIES.items():
+        model = lib.PeftModel.from_pretrained(tiny_llama(), adapter_dir)
+        state = lib.get_peft_model_state_dict(model)
+        key = "base_model.model.model.layers.0.self_attn.q_proj.oft_R.weight"
+        wrong = {**{k: torch.zeros_like(v) for k, v in state.items()}, key: torch.zeros(3, 3)}
+        with pytest.raises(RuntimeError, match="size mismatch|do not fit"):
+            lib.set_peft_model_state_dict(model, wrong)
+        if lib is orthotune:  # nothing was loaded; peft (torch's load_state_dict) copied the fitting tensors first
+            assert all(torch.equal(state[k], v) for k, v in lib.get_peft_model_state_dict(model).items())
+        with pytest.warns(UserWarning, match="shape"):
+            results[name] = lib.set_peft_model_state_dict(model, wrong, ignore_mismatched_sizes=True)
+        after = lib.get_peft_model_state_dict(model)
+        assert (
+            torch.equal(after[key], state[key])
+            and not after["base_model.model.model.embed_tokens.oft_embedding_R.weight"].any()
+        )
+    assert sorted(map(_key, results["orthotune"].missing_keys)) == sorted(map(_key, results["peft"].missing_keys))
 
 
 # ------------------------------------------------------------------------------------- model card and hub
@@ -408,3 +436,12 @@ def test_push_to_hub_fails_clearly_without_hub_or_network(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(ImportError, match="pip install huggingface_hub"):
         model.push_to_hub("me/x")
+
+
+def test_model_card_without_huggingface_hub_updates_only_the_text(tmp_path, monkeypatch) -> None:
+    front = "---\nlicense: mit\ntags:\n- mine\n---\n"
+    (tmp_path / "README.md").write_text(front + "\n# My adapter\n")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    orthotune.get_peft_model(_named_llama(), _config(orthotune, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith(front + "\n# My adapter\n") and "### Framework versions\n\n- PEFT 0.21.2\n" in card

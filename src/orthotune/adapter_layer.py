@@ -304,12 +304,12 @@ class AdapterLayer(ActiveAdapters, nn.Module):
         if adapter_name not in self._meta_adapters:
             return
         device = self._adapter_device() or torch.device("cpu")
-        self._replace_adapter_tensors(
-            adapter_name, lambda tensor: torch.empty_like(tensor, device=device) if tensor.is_meta else tensor
-        )
+        self._replace_adapter_tensors(adapter_name, lambda tensor: torch.empty_like(tensor, device=device))
         self._meta_adapters.discard(adapter_name)
 
     def _replace_adapter_tensors(self, adapter_name: str, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace each of the adapter's file tensors (found by identity under this layer) by ``make(tensor)``;
+        a parameter stays a parameter with its ``requires_grad``."""
         targets = {id(tensor) for tensor in self.adapter_tensors(adapter_name).values()}
         for path, owner in self.named_modules():
             if path == "base_layer" or path.startswith("base_layer."):
