@@ -107,7 +107,7 @@ def assert_saved_adapter_matches(saved: pathlib.Path, method: str, references: d
 
     import orthotune
 
-    assert sorted(os.listdir(saved)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(saved)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     reloaded = orthotune.PeftModel.from_pretrained(tiny_llama_wide(), saved, is_trainable=True)
     loaded = adapter_tensors(reloaded)
     reference, half = references[f"{method}-full"], references[f"{method}-half"]

@@ -59,8 +59,8 @@ def test_files_are_peft_s_and_name_free(tmp_path) -> None:
     model = get_peft_model(tiny_llama(), OFTConfig(oft_block_size=8, target_modules=["q_proj"]), adapter_name="mine")
     model.add_adapter("other", OFTConfig(oft_block_size=4, target_modules=["v_proj"]))
     model.save_pretrained(tmp_path)
-    # peft's layout: adapters other than "default" go into subdirectories named after them
-    assert sorted(os.listdir(tmp_path)) == ["mine", "other"]
+    # peft's layout: adapters other than "default" go into subdirectories named after them, a card beside them
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "mine", "other"]
     keys = set(load_file(tmp_path / "mine" / "adapter_model.safetensors"))
     assert keys == {f"base_model.model.model.layers.{i}.self_attn.q_proj.oft_R.weight" for i in (0, 1)}
     config = json.loads((tmp_path / "mine" / "adapter_config.json").read_text())

@@ -232,24 +232,37 @@ def test_composed_adapter_on_a_transformer_saves_and_loads_in_peft(tmp_path) -> 
         assert rel_err(loaded(tokens).logits, expected) < 1e-5
 
 
-def test_modules_to_save_copy_comes_from_the_first_source_with_one() -> None:
-    config = orthotune.OFTConfig(
+def test_modules_to_save_copy_comes_from_the_source_that_has_one() -> None:
+    with_head = orthotune.OFTConfig(
         oft_block_size=8,
         target_modules=["query", "value"],
-        task_type="SEQ_CLS",
+        modules_to_save=["classifier"],
         init_weights=False,
         use_cayley_neumann=False,
     )
-    model = orthotune.get_peft_model(tiny_bert(), config, adapter_name="a")
-    model.add_adapter("b", config)
+    without_head = orthotune.OFTConfig(
+        oft_block_size=8, target_modules=["query", "value"], init_weights=False, use_cayley_neumann=False
+    )
+    model = orthotune.get_peft_model(tiny_bert(), without_head, adapter_name="a")
+    model.add_adapter("b", with_head)
     wrapper = model.base_model.model.classifier
     with torch.no_grad():
-        wrapper.modules_to_save["a"].weight.add_(1.0)
         wrapper.modules_to_save["b"].weight.add_(-1.0)
     tokens = token_batch()
-    expected = _stacked_output(model, ["b", "a"], [1.0, 1.0], tokens).logits
-    model.add_weighted_adapter(["b", "a"], [1.0, 1.0], "ba")
-    model.set_adapter("ba")
+    expected = _stacked_output(model, ["a", "b"], [1.0, 1.0], tokens).logits
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab")
+    model.set_adapter("ab")
     with torch.no_grad():
         assert rel_err(model(tokens).logits, expected) < 1e-5
-    assert torch.equal(wrapper.modules_to_save["ba"].weight, wrapper.modules_to_save["b"].weight)
+    assert torch.equal(wrapper.modules_to_save["ab"].weight, wrapper.modules_to_save["b"].weight)
+
+
+def test_two_sources_with_their_own_modules_to_save_copy_are_refused_like_set_adapter() -> None:
+    config = orthotune.OFTConfig(oft_block_size=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = orthotune.get_peft_model(tiny_bert(), config, adapter_name="a")
+    model.add_adapter("b", config)
+    with pytest.raises(ValueError, match="only one copy can be used"):
+        model.set_adapter(["b", "a"])
+    with pytest.raises(ValueError, match="each have their own trained copy.*'classifier'"):
+        model.add_weighted_adapter(["b", "a"], [1.0, 1.0], "ba")
+    assert "ba" not in model.peft_config

@@ -103,9 +103,10 @@ def test_regex_with_layers_to_transform_warns_that_peft_ignores_it() -> None:
         OFTConfig(target_modules=r".*q_proj", layers_to_transform=[0])
 
 
-def test_lists_are_deduplicated_and_sets_sorted() -> None:
-    assert OFTConfig(target_modules=["v", "q", "v"]).target_modules == ["v", "q"]
-    assert OFTConfig(target_modules={"v", "q"}).target_modules == ["q", "v"]
+def test_target_lists_become_sets_as_in_peft() -> None:
+    assert OFTConfig(target_modules=["v", "q", "v"]).target_modules == {"v", "q"}
+    assert OFTConfig(exclude_modules=("v",)).exclude_modules == {"v"}
+    assert OFTConfig(modules_to_save=["b", "a", "b"]).modules_to_save == ["b", "a"]  # peft keeps this one a list
 
 
 @pytest.mark.parametrize(

@@ -426,7 +426,7 @@ def test_config_describes_the_file() -> None:
     network = lycoris_network(model, "boft", 0.05, True)
     adapters = read_lycoris(network.state_dict(), [name for name, _ in Tiny().named_modules()])
     config = config_for_layer_adapters(adapters)
-    assert config.peft_type == "BOFT" and config.target_modules == ["blocks.0", "conv", "proj"]
+    assert config.peft_type == "BOFT" and config.target_modules == {"blocks.0", "conv", "proj"}
     assert (config.rotation_side, config.constraint) == ("output", pytest.approx(0.05))
     assert config.boft_block_size == 4 and config.boft_n_butterfly_factor in {a.num_factors for a in adapters.values()}
     diag = read_lycoris(

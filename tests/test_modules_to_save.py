@@ -112,7 +112,8 @@ def test_what_remains_after_delete_saves_and_reloads(case: str, tmp_path) -> Non
     model.delete_adapter("a")
     expected = _outputs(model, inputs)
     model.save_pretrained(tmp_path)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["b"]  # peft's layout: a non-default name, a folder
+    # peft's layout: a non-default name is a folder; the model card sits at the top
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "b"]
     base = tiny_bert() if case == "bert-seq-cls" else TinyClassifier()
     reloaded = orthotune.PeftModel.from_pretrained(base, tmp_path / "b", adapter_name="b").eval()
     torch.testing.assert_close(_outputs(reloaded, inputs), expected, rtol=1e-6, atol=1e-7)

@@ -25,10 +25,14 @@ _EXPORTS = {
     "OFTConfig": "orthotune.config",
     "OrthoModel": "orthotune.model",
     "PeftModel": "orthotune.model",
+    "PeftType": "orthotune.config",
     "export_lora": "orthotune.lora_export",
     "from_file": "orthotune.pipeline",
     "get_peft_model": "orthotune.model",
+    "get_peft_model_state_dict": "orthotune.state_dict",
+    "inject_adapter_in_model": "orthotune.state_dict",
     "load_pipeline_file": "orthotune.pipeline",
+    "set_peft_model_state_dict": "orthotune.state_dict",
 }
 _SUBMODULES = ("functional",)
 
@@ -39,21 +43,26 @@ __all__ = [
     "OFTConfig",
     "OrthoModel",
     "PeftModel",
+    "PeftType",
     "__version__",
     "export_lora",
     "from_file",
     "functional",
     "get_peft_model",
     "load_pipeline_file",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "set_peft_model_state_dict",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports these on first use
     from orthotune import functional
     from orthotune.adapter_layer import AdapterLayer
-    from orthotune.config import BOFTConfig, HRAConfig, OFTConfig
+    from orthotune.config import BOFTConfig, HRAConfig, OFTConfig, PeftType
     from orthotune.lora_export import export_lora
     from orthotune.model import OrthoModel, PeftModel, get_peft_model
     from orthotune.pipeline import from_file, load_pipeline_file
+    from orthotune.state_dict import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 
 
 def __getattr__(name: str) -> Any:

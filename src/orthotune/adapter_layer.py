@@ -168,6 +168,8 @@ class AdapterLayer(ActiveAdapters, nn.Module):
         self.merged_adapters: list[str] = []
         #: Strength of each adapter (peft LoRA's attribute name; here a pure multiplier, 1.0 unless set).
         self.scaling: dict[str, float] = {}
+        # Adapters whose file tensors are on the meta device (created with low_cpu_mem_usage=True, not loaded yet).
+        self._meta_adapters: set[str] = set()
         # For a quantized base layer, the packed weight as it was before each merge (see unmerge).
         self._storage_before_merge: list[dict[str, Any]] = []
         self.fan_in_fan_out = _checked_fan_in_fan_out(self.kind, fan_in_fan_out)
@@ -210,8 +212,9 @@ class AdapterLayer(ActiveAdapters, nn.Module):
     def merged_weight_matrix(self, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         """The fp32 ``(out, d)`` weight matrix with ``adapter_names`` (default: the active ones) merged in order,
         computed without writing anything (for export and inspection)."""
-        names = self.active_adapters if adapter_names is None else _as_name_list(adapter_names)
+        names = self._held_active_adapters() if adapter_names is None else _as_name_list(adapter_names)
         self._check_known(names)
+        self._check_materialized(names)
         with torch.no_grad():
             weight = weight_matrix(self.base_layer, self.kind).float()
             for name in names:
@@ -248,13 +251,27 @@ class AdapterLayer(ActiveAdapters, nn.Module):
         self._set_requires_grad(self._active_adapters if enabled else [])
 
     def set_adapter(self, adapter_names: str | Iterable[str], inference_mode: bool = False) -> None:
-        """Make ``adapter_names`` the active adapters; only they train (unless ``inference_mode``)."""
+        """Make ``adapter_names`` the active adapters; only they train (unless ``inference_mode``).
+
+        Names this layer does not hold are kept and skipped, as in peft: a model's adapters may adapt different
+        layers, and the model activates the same names in all of them.
+        """
         names = _as_name_list(adapter_names)
-        unknown = [name for name in names if name not in self.adapter_names]
-        if unknown:
-            raise ValueError(f"adapter_names={unknown} not found in this layer; it holds {self.adapter_names}")
         self._active_adapters = names
         self._set_requires_grad([] if inference_mode else names)
+
+    def _held_active_adapters(self) -> list[str]:
+        return [name for name in self._active_adapters if name in self.adapter_names]
+
+    def set_requires_grad(self, adapter_names: str | Iterable[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters on or off, leaving the others as they are (peft's method)."""
+        names = set(_as_name_list(adapter_names))
+        for attribute in self.adapter_layer_names:
+            for name, holder in getattr(self, attribute).items():
+                if name in names:
+                    parameters = [holder] if isinstance(holder, nn.Parameter) else holder.parameters()
+                    for parameter in parameters:
+                        parameter.requires_grad_(requires_grad)
 
     def _set_requires_grad(self, trainable: list[str]) -> None:
         for attribute in self.adapter_layer_names:
@@ -274,6 +291,7 @@ class AdapterLayer(ActiveAdapters, nn.Module):
             if adapter_name in holder:  # nn.ModuleDict.pop takes no default
                 del holder[adapter_name]
         self.scaling.pop(adapter_name, None)
+        self._meta_adapters.discard(adapter_name)
         self._active_adapters = [name for name in self._active_adapters if name != adapter_name]
         if not self._active_adapters and self.adapter_names:
             self.set_adapter(self.adapter_names[0])
@@ -345,6 +363,53 @@ class AdapterLayer(ActiveAdapters, nn.Module):
     def _set_strength(self, adapter_name: str, strength: float) -> None:
         self.scaling[adapter_name] = self.check_strength(adapter_name, strength)
 
+    # ------------------------------------------------------------------------------ meta (empty) adapters
+    def adapter_to_meta(self, adapter_name: str) -> None:
+        """Replace the adapter's file tensors by meta tensors of the same shapes: peft's ``low_cpu_mem_usage``,
+        an adapter without values, to be filled by loading (:meth:`materialize_adapter`)."""
+        self._replace_adapter_tensors(adapter_name, lambda tensor: torch.empty_like(tensor, device="meta"))
+        self._meta_adapters.add(adapter_name)
+
+    def materialize_adapter(self, adapter_name: str) -> None:
+        """Give an adapter on the meta device uninitialised tensors beside the base layer, for loading to fill."""
+        if adapter_name not in self._meta_adapters:
+            return
+        device = self._adapter_device() or torch.device("cpu")
+        self._replace_adapter_tensors(adapter_name, lambda tensor: torch.empty_like(tensor, device=device))
+        self._meta_adapters.discard(adapter_name)
+
+    def _replace_adapter_tensors(self, adapter_name: str, make: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace each of the adapter's file tensors (found by identity under this layer) by ``make(tensor)``;
+        a parameter stays a parameter with its ``requires_grad``."""
+        targets = {id(tensor) for tensor in self.adapter_tensors(adapter_name).values()}
+        for path, owner in self.named_modules():
+            if path == "base_layer" or path.startswith("base_layer."):
+                continue
+            for attribute, parameter in list(owner.named_parameters(recurse=False)):
+                if id(parameter) in targets:
+                    new = nn.Parameter(make(parameter.detach()), requires_grad=parameter.requires_grad)
+                    if isinstance(owner, nn.ParameterDict):
+                        owner[attribute] = new
+                    else:
+                        setattr(owner, attribute, new)
+            for attribute, buffer in list(owner.named_buffers(recurse=False)):
+                if id(buffer) in targets:
+                    owner._buffers[attribute] = make(buffer)
+
+    def _check_materialized(self, names: Iterable[str]) -> None:
+        """Refuse to compute with an adapter that was created on the meta device and never loaded."""
+        if not self._meta_adapters:
+            return
+        for name in [name for name in names if name in self._meta_adapters]:
+            if not any(tensor.is_meta for tensor in self.adapter_tensors(name).values()):
+                self._meta_adapters.discard(name)  # filled by other means (load_state_dict(assign=True))
+                continue
+            raise RuntimeError(
+                f"adapter {name!r} was created on the meta device (low_cpu_mem_usage=True) and has no weights yet; "
+                f"load them first: model.load_adapter(path, {name!r}, low_cpu_mem_usage=True) or "
+                f"set_peft_model_state_dict(model, state_dict, adapter_name={name!r}, low_cpu_mem_usage=True)"
+            )
+
     # ------------------------------------------------------------------------------------------ forward
     def forward(
         self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any
@@ -357,9 +422,10 @@ class AdapterLayer(ActiveAdapters, nn.Module):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
-        active = [name for name in self._active_adapters if name in self.adapter_names]
+        active = self._held_active_adapters()
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
+        self._check_materialized(active)
         return self._adapted_forward(x, active, *args, **kwargs)
 
     def _mixed_batch_forward(
@@ -371,6 +437,8 @@ class AdapterLayer(ActiveAdapters, nn.Module):
             raise ValueError(
                 f"adapter_names cannot be used while adapters {self.merged_adapters} are merged; unmerge them first"
             )
+
+        self._check_materialized(adapter_names)
 
         def run(name: str, rows: torch.Tensor) -> torch.Tensor:
             # "__base__", and an adapter of the model that does not adapt this layer, leave it the base layer.
@@ -394,8 +462,9 @@ class AdapterLayer(ActiveAdapters, nn.Module):
             safe_merge: compute each merged weight on a copy and refuse to write it if it is not finite.
             adapter_names: adapters to merge; already merged ones are skipped with a warning.
         """
-        names = self.active_adapters if adapter_names is None else _as_name_list(adapter_names)
+        names = self._held_active_adapters() if adapter_names is None else _as_name_list(adapter_names)
         self._check_known(names)
+        self._check_materialized(names)
         already = [name for name in names if name in self.merged_adapters]
         if already:
             warnings.warn(f"adapters {already} are already merged; merging the others only", stacklevel=2)

@@ -40,6 +40,7 @@ from orthotune.adapter_layer import AdapterLayer
 from orthotune.atomic_write import write_bytes, write_files_atomically
 from orthotune.base_layer import LayerKind
 from orthotune.config import CONFIG_NAME, AdapterConfig, BOFTConfig, OFTConfig, read_config_file
+from orthotune.model_card import base_model_name, update_model_card
 from orthotune.modules_to_save import ModulesToSaveWrapper
 from orthotune.targeting import module_name
 
@@ -227,6 +228,23 @@ def _peft_neumann_terms(raw: dict[str, Any], source: str) -> dict[str, Any]:
     return raw
 
 
+def remap_keys(tensors: dict[str, torch.Tensor], key_mapping: Mapping[str, str] | None) -> dict[str, torch.Tensor]:
+    """peft's ``key_mapping``: regex renames applied to each key after ``base_model.model.``, the first match wins."""
+    if not key_mapping:
+        return tensors
+    renamed = {}
+    for key, tensor in tensors.items():
+        prefix = MODEL_PREFIX if key.startswith(MODEL_PREFIX) else ""
+        rest = key.removeprefix(prefix)
+        for pattern, replacement in key_mapping.items():
+            new, count = re.subn(pattern, replacement, rest)
+            if count:
+                rest = new
+                break
+        renamed[f"{prefix}{rest}"] = tensor
+    return renamed
+
+
 # ------------------------------------------------------------------------------------------ keys of a model
 def layer_tensors(module_name: str, layer: AdapterLayer, adapter_name: str) -> dict[str, torch.Tensor]:
     """File keys of one adapter in one adapted layer, to its parameters."""
@@ -404,6 +422,7 @@ def save_model_adapters(
     for name, tensors in files.items():
         directory = save_directory if name == "default" else os.path.join(save_directory, name)
         save_adapter_files(directory, config_for_file(model, name), tensors)
+    update_model_card(save_directory, model)  # last: a save that fails leaves the card as it was
 
 
 def _refuse_partitioned(tensors: Mapping[str, torch.Tensor]) -> None:
@@ -428,9 +447,7 @@ def adapter_file_tensors(
         tensors[f"{MODEL_PREFIX}{name}"] = bias
     # peft's rule: with an embedding named in target_modules, "auto" saves the base weights of the targeted
     # embedding layers; asked explicitly otherwise, it saves the input and output embeddings whole.
-    targeted = isinstance(config.target_modules, list) and any(
-        name in config.target_modules for name in EMBEDDING_LAYER_NAMES
-    )
+    targeted = embedding_targeted(config, model.get_base_model())
     if save_embedding_layers is True or (save_embedding_layers == "auto" and targeted):
         for name, module in embedding_modules(model.get_base_model()).items():
             if isinstance(module, AdapterLayer):
@@ -438,6 +455,20 @@ def adapter_file_tensors(
             elif not targeted:
                 tensors.update(module_tensors(name, module))
     return tensors
+
+
+def embedding_targeted(config: AdapterConfig, model: nn.Module) -> bool:
+    """peft's test of whether ``target_modules`` names an embedding (``embed_tokens``, ``lm_head``): by name in a
+    set or list, by matching an embedding-named module of ``model`` for a regex."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return any(
+            re.fullmatch(targets, name) and name.rpartition(".")[2] in EMBEDDING_LAYER_NAMES
+            for name, _ in model.named_modules()
+        )
+    if not targets:
+        return False
+    return any(name in targets for name in EMBEDDING_LAYER_NAMES)
 
 
 def own_file_tensors(model: AdaptedModel, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -486,11 +517,7 @@ def config_for_file(model: AdaptedModel, adapter_name: str) -> AdapterConfig:
     base = model.get_base_model()
     config.inference_mode = True
     if config.base_model_name_or_path is None:
-        # transformers models carry name_or_path; diffusers models keep it in their config (peft writes null).
-        model_config = getattr(base, "config", None)
-        name = getattr(base, "name_or_path", None) or getattr(model_config, "_name_or_path", None)
-        name = os.fspath(name) if isinstance(name, os.PathLike) else name
-        config.base_model_name_or_path = name if isinstance(name, str) and name else None
+        config.base_model_name_or_path = base_model_name(base)
     if config.task_type is None:
         config.auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
     return config

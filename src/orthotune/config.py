@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import json
 import os
 import warnings
@@ -48,6 +49,25 @@ ALL_LINEAR = "all-linear"
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
+class PeftType(str, enum.Enum):
+    """peft's ``PeftType`` for the methods orthotune has: a string (``PeftType.OFT == "OFT"``) with ``.value``.
+
+    ``config.peft_type`` is one of these; JSON writes it as the plain string, as peft does. A new method adds its
+    member here and names it as its config's ``PEFT_TYPE``.
+    """
+
+    OFT = "OFT"
+    BOFT = "BOFT"
+    HRA = "HRA"
+
+    def __str__(self) -> str:  # "OFT" in messages, not "PeftType.OFT"
+        return self.value
+
+
+class MissingPeftTypeError(TypeError, ValueError):
+    """A config file without ``peft_type`` that cannot be read without it (a ``TypeError`` as in peft)."""
+
+
 def _names(value: Any, argument: str) -> list[str] | str | None:
     """``target_modules``-like values: ``None``, a regex string, or a duplicate-free list of names."""
     if value is None or isinstance(value, str):
@@ -61,11 +81,18 @@ def _names(value: Any, argument: str) -> list[str] | str | None:
     return list(dict.fromkeys(value))
 
 
+def _name_set(value: Any, argument: str) -> set[str] | str | None:
+    """As :func:`_names`, names kept as a set: peft stores ``target_modules`` and ``exclude_modules`` so."""
+    names = _names(value, argument)
+    return set(names) if isinstance(names, list) else names
+
+
 @dataclass
 class AdapterConfig:
     """Fields every adapter config shares with peft's ``PeftConfig`` (see :class:`OFTConfig` for their meaning)."""
 
-    #: The method's name in peft's files (``"OFT"``); a subclass with one is registered for :meth:`from_dict`.
+    #: The method's name in peft's files (a :class:`PeftType`); a subclass with one is registered for
+    #: :meth:`from_dict`.
     PEFT_TYPE: ClassVar[str] = ""
     #: Fields peft does not have; written to ``adapter_config.json`` only when not at their default, so that a
     #: config peft can express is saved exactly as peft saves it.
@@ -82,8 +109,9 @@ class AdapterConfig:
         if cls.PEFT_TYPE:
             AdapterConfig._registry[cls.PEFT_TYPE] = cls
 
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
+    #: Module names (kept as a set, as peft keeps them; a list is accepted), a regex, or ``"all-linear"``.
+    target_modules: list[str] | set[str] | str | None = None
+    exclude_modules: list[str] | set[str] | str | None = None
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     modules_to_save: list[str] | None = None
@@ -95,18 +123,21 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     auto_mapping: dict[str, Any] | None = None
-    #: The peft version that wrote the file this config was read from (``None`` for a config made in code).
+    #: The peft version that wrote the file this config was read from; a config made in code has the version whose
+    #: files orthotune writes (peft fills in its own version the same way).
     peft_version: str | None = field(default=None, compare=False)
-    peft_type: str = ""
+    peft_type: PeftType | str = ""
     #: Keys of a file that this version does not know, kept so that saving writes them back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.peft_type and self.peft_type != self.PEFT_TYPE:
             raise ValueError(f"peft_type={self.peft_type!r} does not match {type(self).__name__}; leave it out")
-        self.peft_type = self.PEFT_TYPE
-        self.target_modules = _names(self.target_modules, "target_modules")
-        self.exclude_modules = _names(self.exclude_modules, "exclude_modules")
+        self.peft_type = PeftType(self.PEFT_TYPE)
+        if self.peft_version is None:
+            self.peft_version = PEFT_FORMAT_VERSION
+        self.target_modules = _name_set(self.target_modules, "target_modules")
+        self.exclude_modules = _name_set(self.exclude_modules, "exclude_modules")
         self.layers_pattern = _names(self.layers_pattern, "layers_pattern")
         if self.modules_to_save is not None:
             names = _names(self.modules_to_save, "modules_to_save")
@@ -152,10 +183,13 @@ class AdapterConfig:
         """The JSON-ready dict of ``adapter_config.json``, as peft 0.21.2 writes it."""
         data = dict(self.extra)
         for item in dataclasses.fields(self):
-            value = getattr(self, item.name)
-            if item.name == "extra" or (item.name in self._ORTHOTUNE_ONLY and value == item.default):
+            if item.name == "extra":
                 continue
-            data[item.name] = copy.deepcopy(value)
+            value = getattr(self, item.name)
+            if item.name in self._ORTHOTUNE_ONLY and value == item.default:
+                continue
+            # peft writes its sets as lists; sorted, the file is the same on every run
+            data[item.name] = sorted(value) if isinstance(value, set) else copy.deepcopy(value)
         data["peft_version"] = PEFT_FORMAT_VERSION
         return data
 
@@ -171,6 +205,8 @@ class AdapterConfig:
             raise ValueError(f"an adapter config must be a JSON object, not {type(data).__name__}")
         peft_type = data.get("peft_type", cls.PEFT_TYPE or None)
         config_classes = AdapterConfig._registry
+        if "peft_type" not in data:
+            cls._check_readable_without_peft_type(data)
         if peft_type not in config_classes:
             raise ValueError(
                 f"peft_type={peft_type!r}: orthotune reads {', '.join(config_classes)} adapters only; "
@@ -190,6 +226,18 @@ class AdapterConfig:
         kwargs = {key: value for key, value in data.items() if key in known}
         return config_class(**kwargs, extra={key: data[key] for key in unknown})
 
+    @classmethod
+    def _check_readable_without_peft_type(cls, data: dict[str, Any]) -> None:
+        """peft reads a dict without ``peft_type`` as its class only when every key is one of the class's fields."""
+        known = {item.name for item in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(data) - known)
+        if not cls.PEFT_TYPE or unknown:
+            raise MissingPeftTypeError(
+                f"The {cls.__name__} config that is trying to be loaded is missing required keys: {{'peft_type'}}"
+                + (f" (and has keys {unknown} that a {cls.__name__} does not know)" if cls.PEFT_TYPE else "")
+                + '; the file was not written by peft or orthotune: add "peft_type" (e.g. "OFT" or "BOFT") to it'
+            )
+
     # ---------------------------------------------------------------------------------------------- file
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -200,9 +248,33 @@ class AdapterConfig:
         write_atomic(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode())
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike[str]) -> AdapterConfig:
-        """Read ``adapter_config.json`` from a local directory (JSON only, nothing is unpickled)."""
-        return cls.from_dict(read_config_file(os.path.join(directory, CONFIG_NAME)))
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
+    ) -> AdapterConfig:
+        """Read ``adapter_config.json`` from a local directory (JSON only, nothing is unpickled).
+
+        Args:
+            pretrained_model_name_or_path: the directory.
+            subfolder: a subdirectory of it.
+            kwargs: peft's Hub download arguments (``revision``, ``token``, …); unused for a local directory.
+        """
+        directory = (
+            os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        )
+        return cls.from_dict(cls.from_json_file(os.path.join(directory, CONFIG_NAME)))
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
+        """The JSON object in a config file, as a dict (peft's classmethod of the same name returns the dict too)."""
+        data = read_config_file(path_json_file)
+        if isinstance(data, dict) and "runtime_config" in data:
+            warnings.warn(
+                f"{os.fspath(path_json_file)} has a runtime_config key, which is ignored (as in peft): runtime "
+                "settings are not stored in files",
+                stacklevel=2,
+            )
+            del data["runtime_config"]
+        return data
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -253,7 +325,7 @@ class OFTConfig(AdapterConfig):
             (``d`` the rotated width); 0 for none.
     """
 
-    PEFT_TYPE: ClassVar[str] = "OFT"
+    PEFT_TYPE: ClassVar[str] = PeftType.OFT
     _BIAS_ONLY: ClassVar[str] = "oft_only"
     prefix: ClassVar[str] = "oft_"
     _ORTHOTUNE_ONLY: ClassVar[tuple[str, ...]] = ("rotation_side", "rescale", "constraint")
@@ -331,7 +403,7 @@ class BOFTConfig(AdapterConfig):
     The other fields mean what they mean in :class:`OFTConfig`.
     """
 
-    PEFT_TYPE: ClassVar[str] = "BOFT"
+    PEFT_TYPE: ClassVar[str] = PeftType.BOFT
     _BIAS_ONLY: ClassVar[str] = "boft_only"
     prefix: ClassVar[str] = "boft_"
     _ORTHOTUNE_ONLY: ClassVar[tuple[str, ...]] = ("rotation_side", "constraint")

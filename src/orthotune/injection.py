@@ -10,6 +10,7 @@ keys are peft's.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,8 +76,14 @@ class AdapterPlan:
         return tensors
 
 
-def plan_adapter(model: nn.Module, adapter_name: str, config: AdapterConfig) -> AdapterPlan:
+def plan_adapter(
+    model: nn.Module, adapter_name: str, config: AdapterConfig, module_names: Collection[str] | None = None
+) -> AdapterPlan:
     """Build the adapter ``adapter_name`` for ``model`` beside it; the model is not changed.
+
+    Args:
+        module_names: adapt exactly the modules of these names instead of the config's targets (peft's
+            ``inject_adapter_in_model(state_dict=...)``, which finds the modules from a state dict's keys).
 
     Raises:
         ValueError: ``target_modules`` matches no module, or a matched module cannot be adapted.
@@ -93,7 +100,7 @@ def plan_adapter(model: nn.Module, adapter_name: str, config: AdapterConfig) -> 
             plan.wrappers[name] = ModulesToSaveWrapper(module)
             plan.copies[name] = plan.wrappers[name].make_copy()
             continue
-        if not is_target_module(config, name):
+        if not (name in module_names if module_names is not None else is_target_module(config, name)):
             continue
         if isinstance(module, AdapterLayer):
             plan.existing[name] = module
@@ -101,8 +108,9 @@ def plan_adapter(model: nn.Module, adapter_name: str, config: AdapterConfig) -> 
         plan.layers[name] = new_layer(config, adapter_name, module, name)
     if not plan.layers:
         examples = [name for name, _ in model.named_modules() if name][:8]
+        targets = f"target_modules={config.target_modules!r}" if module_names is None else "the state dict's modules"
         raise ValueError(
-            f"target_modules={config.target_modules!r} matched no module of {type(model).__name__} (module "
+            f"{targets} matched no module of {type(model).__name__} (module "
             f"names look like {examples}); check the names, or the model the adapter was made for"
         )
     return plan

@@ -1,15 +1,16 @@
 """Whole models: find the layers to adapt, wrap them in OFT/BOFT layers, and give peft's model API.
 
     get_peft_model(model, OFTConfig(r=8, target_modules=["q_proj", "v_proj"]))
-      └─ OrthoModel                                  (peft's PeftModel: save, load, merge, adapters by name)
-           └─ base_model: OrthoTuner                 (peft's tuner: holds the model)
+      └─ OrthoModel                                  (peft's PeftModel: add, load, save, forward)
+           └─ base_model: OrthoTuner                 (peft's tuner: configs, active set, merging; see tuner.py)
                 └─ model: the user's model, each target replaced in place:
                      q_proj ─► oft.Linear(base_layer=q_proj, oft_R={"default": …})
 
 The structure, and with it every state-dict key, is peft's: ``base_model.model.<path>.base_layer.weight``,
 ``base_model.model.<path>.oft_R.<adapter>.weight``. This module owns the adapter lifecycle only: which modules
 are adapted is :mod:`orthotune.targeting`'s question, how an adapter is laid out in files
-:mod:`orthotune.checkpoint`'s, and what a layer computes its method's module's.
+:mod:`orthotune.checkpoint`'s, what is done to all layers at once (activate, merge, unload)
+:mod:`orthotune.tuner`'s, and what a layer computes its method's module's.
 
 Nothing of the model changes until an adapter is known to fit: layers are built beside the model first
 (they only reference the base layers), loaded files are checked against them, and only then are they put in.
@@ -20,82 +21,61 @@ This module imports neither transformers nor peft; transformers models are handl
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import functools
 import inspect
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
-from orthotune.adapter_layer import BASE_ADAPTER_NAME, ActiveAdapters, AdapterLayer
+from orthotune.adapter_layer import BASE_ADAPTER_NAME, AdapterLayer
+from orthotune.adapter_loading import load_into_adapter, load_new_adapter
 from orthotune.checkpoint import (
-    adapter_file_tensors,
-    check_tensors,
-    convert_legacy_oft,
-    copy_tensors,
-    optional_file_tensors,
-    own_file_tensors,
     read_adapter_files,
+    remap_keys,
     save_model_adapters,
-    to_peft_convention,
 )
 from orthotune.composition import add_weighted_adapter
-from orthotune.config import AdapterConfig, as_orthotune_config
+from orthotune.config import AdapterConfig, PeftType, as_orthotune_config
 from orthotune.injection import AdapterPlan, commit_plan, plan_adapter
+from orthotune.model_card import update_model_card
 from orthotune.modules_to_save import ModulesToSaveWrapper
 from orthotune.single_file import load_model_file, save_model_file
-from orthotune.targeting import top_level_modules
+from orthotune.tuner import ForwardsAttributes, OrthoTuner
 
 __all__ = ["OrthoModel", "OrthoTuner", "PeftModel", "get_peft_model"]
 
 
 # ----------------------------------------------------------------------------------------------- the model
-class _ForwardsAttributes(nn.Module):
-    """Attributes this module lacks are read from the module it wraps (named by ``_inner``)."""
-
-    _inner: str
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == self._inner:
-                raise
-            return getattr(getattr(self, self._inner), name)
-
-
-class OrthoTuner(_ForwardsAttributes):
-    """Holds the adapted model as ``model``: peft's ``PeftModel.base_model``, which makes the keys peft's."""
-
-    _inner = "model"
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-
-class OrthoModel(ActiveAdapters, _ForwardsAttributes):
+class OrthoModel(ForwardsAttributes):
     """A model with named OFT/BOFT adapters and peft's ``PeftModel`` API (also exported as ``PeftModel``).
 
-    Calls and attributes not defined here go to the wrapped model (``model.config``, ``generate``,
-    ``gradient_checkpointing_enable``, …). Build one with :func:`get_peft_model` or :meth:`from_pretrained`.
+    Calls and attributes not defined here go to ``base_model`` (the :class:`~orthotune.tuner.OrthoTuner`, peft's
+    tuner) and from there to the wrapped model (``model.config``, ``generate``, ``gradient_checkpointing_enable``,
+    …). Build one with :func:`get_peft_model` or :meth:`from_pretrained`.
 
     Args:
         model: the model to adapt (modified in place when an adapter is added).
         peft_config: the first adapter's config, or ``None`` to start without adapters.
         adapter_name: the first adapter's name.
+        autocast_adapter_dtype, low_cpu_mem_usage: as in :meth:`add_adapter`.
     """
 
     _inner = "base_model"
 
-    def __init__(self, model: nn.Module, peft_config: AdapterConfig | None = None, adapter_name: str = "default"):
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: AdapterConfig | None = None,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         super().__init__()
         if isinstance(model, OrthoModel):
             raise TypeError("the model is already an OrthoModel; add adapters with add_adapter(name, config)")
@@ -110,8 +90,6 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
                 stacklevel=2,
             )
         self.base_model = OrthoTuner(model)
-        self.peft_config: dict[str, AdapterConfig] = {}
-        self._active_adapters: list[str] = []
         # The forward signature is the wrapped model's, so that tools that inspect it (transformers' Trainer
         # keeps only the batch columns forward accepts) see input_ids, labels, … and not *args, **kwargs.
         forward = functools.partial(type(self).forward, self)
@@ -119,7 +97,37 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
             forward.__signature__ = inspect.signature(model.forward)  # type: ignore[attr-defined]
         self.forward = forward  # type: ignore[method-assign]
         if peft_config is not None:
-            self.add_adapter(adapter_name, peft_config)
+            self.add_adapter(
+                adapter_name,
+                peft_config,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+            )
+
+    # ---------------------------------------------------------------------------- state (in the tuner)
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        """Adapter name → config; the same dict as ``base_model.peft_config``."""
+        return self.base_model.peft_config
+
+    @peft_config.setter
+    def peft_config(self, value: dict[str, AdapterConfig]) -> None:
+        self.base_model.peft_config = value
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active)."""
+        return self.base_model.active_adapter
+
+    @property
+    def peft_type(self) -> PeftType | None:
+        """The method of this model's adapters (one per model, as in peft); ``None`` without adapters."""
+        types = [config.peft_type for config in self.peft_config.values()]
+        return PeftType(types[0]) if types else None
 
     # ------------------------------------------------------------------------------------- pass-through
     def get_base_model(self) -> nn.Module:
@@ -129,54 +137,19 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward; ``adapter_names`` (inference only) gives each sample its own adapter,
         ``"__base__"`` for none."""
-        with self._adapter_names_applied(adapter_names):
+        with self.base_model.per_sample_adapters(adapter_names):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """The wrapped model's ``generate``, with ``adapter_names`` as in :meth:`forward`."""
-        with self._adapter_names_applied(adapter_names):
+        with self.base_model.per_sample_adapters(adapter_names):
             generate: Any = self.get_base_model().generate
             return generate(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _adapter_names_applied(self, adapter_names: Sequence[str] | None) -> Iterator[None]:
-        """Pass ``adapter_names`` to every adapter layer and wrapper for the duration of one call."""
-        if adapter_names is None:
-            yield
-            return
-        if isinstance(adapter_names, str):
-            raise TypeError(f"adapter_names={adapter_names!r} must be a list with one adapter name per sample")
-        adapter_names = list(adapter_names)
-        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER_NAME})
-        if unknown:
-            raise ValueError(
-                f"adapter_names has unknown adapters {unknown}; this model has {list(self.peft_config)} and "
-                f"{BASE_ADAPTER_NAME!r} for the base model"
-            )
-        if self.get_base_model().training:
-            raise RuntimeError("adapter_names (one adapter per sample) works in inference only; call model.eval()")
-        merged = sorted({name for _, layer in self.adapter_layers() for name in layer.merged_adapters})
-        if merged:
-            raise ValueError(f"adapter_names cannot be used while adapters {merged} are merged; call unmerge_adapter()")
-
-        def pass_names(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            return args, {**kwargs, "adapter_names": adapter_names}
-
-        handles = [
-            module.register_forward_pre_hook(pass_names, with_kwargs=True)
-            for _, module in top_level_modules(self.get_base_model())
-            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper))
-        ]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     # ----------------------------------------------------------------------------------------- adapters
     @property
     def active_peft_config(self) -> AdapterConfig:
-        return self.peft_config[self._active_adapters[0]]
+        return self.peft_config[self.active_adapters[0]]
 
     @property
     def modules_to_save(self) -> set[str] | None:
@@ -185,21 +158,49 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
 
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         """The adapted layers by module name (in the wrapped model)."""
-        for name, module in top_level_modules(self.get_base_model()):
-            if isinstance(module, AdapterLayer):
-                yield name, module
+        return self.base_model.adapter_layers()
 
     def modules_to_save_wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
         """The ``modules_to_save`` wrappers by module name (in the wrapped model)."""
-        for name, module in top_level_modules(self.get_base_model()):
-            if isinstance(module, ModulesToSaveWrapper):
-                yield name, module
+        return self.base_model.modules_to_save_wrappers()
 
-    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig) -> None:
-        """Add an adapter (inactive unless it is the first; activate it with :meth:`set_adapter`)."""
+    def trained_biases(self, bias: str, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Model names of the biases that train (and are saved) with ``bias="all"`` or ``"<method>_only"``."""
+        return self.base_model.trained_biases(bias, adapter_name)
+
+    # ----------------------------------------------------------------------------------------- adding
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: AdapterConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        *,
+        module_names: Collection[str] | None = None,
+    ) -> None:
+        """Add an adapter (inactive unless it is the first; activate it with :meth:`set_adapter`).
+
+        ``peft_config`` itself becomes ``peft_config[adapter_name]``, its defaults resolved for this model
+        (``target_modules``, the task's heads), as in peft. Parameters already in the model keep their
+        ``requires_grad``; the new adapter trains only when it is the first (active) one.
+
+        Args:
+            low_cpu_mem_usage: create the adapter's tensors on the meta device, without values: for an adapter
+                whose weights are loaded next (:meth:`load_adapter` or ``set_peft_model_state_dict`` with the same
+                name); using it before that is an error.
+            autocast_adapter_dtype: accepted for peft's sake; adapter parameters are always float32 (peft's
+                behaviour with ``True``).
+            module_names: adapt the modules of these names (in the wrapped model) instead of the config's
+                targets (``inject_adapter_in_model(state_dict=...)``).
+        """
+        _check_float32(autocast_adapter_dtype)
         config = as_orthotune_config(peft_config)
         self.check_new_adapter(adapter_name, config)
-        self.add_planned_adapter(plan_adapter(self.get_base_model(), adapter_name, config))
+        self.add_planned_adapter(plan_adapter(self.get_base_model(), adapter_name, config, module_names), config)
+        if low_cpu_mem_usage:
+            for _, layer in self.adapter_layers():
+                if adapter_name in layer.adapter_names:
+                    layer.adapter_to_meta(adapter_name)
 
     def check_new_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
         if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE_ADAPTER_NAME:
@@ -212,19 +213,36 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
                 f"cannot add a {config.peft_type} adapter to a model with {sorted(types)} adapters (peft cannot "
                 "either); use one method per model"
             )
+        biased = [name for name, existing in self.peft_config.items() if existing.bias != "none"]
+        if config.bias != "none" and biased:
+            raise ValueError(
+                f"{type(self).__name__} supports only 1 adapter with bias (as peft): adapter {biased[0]!r} has "
+                f"bias={self.peft_config[biased[0]].bias!r}, and adapter {adapter_name!r} with bias={config.bias!r} "
+                "would train and save the same base biases; set bias='none' for all adapters but one"
+            )
 
-    def add_planned_adapter(self, plan: AdapterPlan) -> None:
-        """Put a checked plan into the model and make its adapter known (cannot fail on a planned adapter)."""
+    def add_planned_adapter(self, plan: AdapterPlan, config: AdapterConfig | None = None) -> None:
+        """Put a checked plan into the model and make its adapter known as ``config`` (default: the plan's; cannot
+        fail on a planned adapter). Parameters already in the model keep their ``requires_grad`` (peft's rule)."""
+        config = plan.config if config is None else config
         model = self.get_base_model()
         first = not self.peft_config
+        before = {} if first else {parameter: parameter.requires_grad for parameter in model.parameters()}
         commit_plan(model, plan)
-        self.peft_config[plan.adapter_name] = plan.config
+        if config is not plan.config:  # peft resolves the user's config in place; the plan resolved a copy
+            for item in dataclasses.fields(config):
+                setattr(config, item.name, getattr(plan.config, item.name))
+        self.peft_config[plan.adapter_name] = config
         if first:
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
-            self._active_adapters = [plan.adapter_name]
-        self._apply_active_adapters()
+            self.base_model.set_adapter(plan.adapter_name)
+        else:
+            self.base_model.apply_active_adapters()
+        for parameter, requires_grad in before.items():
+            parameter.requires_grad_(requires_grad)
 
+    # ------------------------------------------------------------------------------- peft's tuner calls
     def set_adapter(self, adapter_name: str | Sequence[str], inference_mode: bool | None = None) -> None:
         """Make ``adapter_name`` (or several, applied in order) the active adapters; only they train.
 
@@ -232,62 +250,23 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
             inference_mode: freeze them; by default as their configs say (``True`` after loading without
                 ``is_trainable``).
         """
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [name for name in names if name not in self.peft_config]
-        if unknown or not names:
-            raise ValueError(f"adapter_name={adapter_name!r}: this model has adapters {list(self.peft_config)}")
-        self._active_adapters = names
-        self._apply_active_adapters(inference_mode)
+        self.base_model.set_adapter(adapter_name, inference_mode)
 
-    def _apply_active_adapters(self, inference_mode: bool | None = None) -> None:
-        active = self._active_adapters
-        if inference_mode is None:
-            inference_mode = all(self.peft_config[name].inference_mode for name in active)
-        for _, layer in self.adapter_layers():
-            layer.set_adapter([name for name in active if name in layer.adapter_names], inference_mode=inference_mode)
-        for _, wrapper in self.modules_to_save_wrappers():
-            wrapper.set_adapter(active, inference_mode=inference_mode)
-        if inference_mode:
-            return
-        for name in active:
-            for _, bias in self.trained_biases(self.peft_config[name].bias, name).items():
-                bias.requires_grad_(True)
-
-    def trained_biases(self, bias: str, adapter_name: str) -> dict[str, torch.Tensor]:
-        """Model names of the biases that train (and are saved) with ``bias="all"`` or ``"<method>_only"``."""
-        if bias == "all":
-            return {
-                name: parameter
-                for name, parameter in self.get_base_model().named_parameters()
-                if name.rpartition(".")[2] == "bias"
-                and ".modules_to_save." not in f".{name}"
-                and ".original_module." not in f".{name}"
-            }
-        if bias == "none":
-            return {}
-        biases = {}
-        for name, layer in self.adapter_layers():
-            base_bias = getattr(layer.get_base_layer(), "bias", None)
-            if adapter_name in layer.adapter_names and isinstance(base_bias, torch.Tensor):
-                biases[f"{name}.base_layer.bias"] = base_bias
-        return biases
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters on or off, leaving the others as they are."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; it must not be merged."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter_name={adapter_name!r}: this model has adapters {list(self.peft_config)}")
-        merged = [name for name, layer in self.adapter_layers() if adapter_name in layer.merged_adapters]
-        if merged:
-            raise ValueError(f"adapter {adapter_name!r} is merged into {merged[:3]}; call unmerge_adapter() first")
-        for _, layer in self.adapter_layers():
-            if adapter_name in layer.adapter_names:
-                layer.delete_adapter(adapter_name)
-        for _, wrapper in self.modules_to_save_wrappers():
-            wrapper.delete_adapter(adapter_name)
-        del self.peft_config[adapter_name]
-        remaining = [name for name in self._active_adapters if name != adapter_name]
-        self._active_adapters = remaining or list(self.peft_config)[:1]
-        self._apply_active_adapters()
+        self.base_model.delete_adapter(adapter_name)
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter off in place (see :meth:`OrthoTuner.disable_adapter_layers`)."""
+        self.base_model.disable_adapter_layers()
+
+    def enable_adapter_layers(self) -> None:
+        """Turn the adapters on again in place (see :meth:`OrthoTuner.enable_adapter_layers`)."""
+        self.base_model.enable_adapter_layers()
 
     # ----------------------------------------------------------------------------------------- strength
     def set_scale(self, adapter_name: str, scale: float) -> None:
@@ -316,7 +295,7 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         exact, not an averaged, composition. The new adapter is in exact Cayley mode without COFT (sources in
         Cayley-Neumann mode contribute the exact rotations their parameters stand for; the result generally
         lies outside a COFT ball), has strength 1, is not activated, and takes its ``modules_to_save`` copies
-        from the first source that has one (the copy ``set_adapter(adapters)`` runs).
+        from the one source that has one (two sources with their own copy are refused, as ``set_adapter`` refuses them).
 
         Args:
             adapters: existing adapters, in ``set_adapter`` order (the first sits next to the base layer).
@@ -333,21 +312,57 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the block the model is the base model (merged adapters are unmerged first)."""
+        """Within the block the model is the base model (merged adapters are unmerged first).
+
+        On exit the adapter layers are on again unless they were all off before, and every parameter trains as
+        it did before (peft also restores a previous all-off state, but leaves loaded adapters trainable).
+        """
+        enabled = self.base_model.layers_enabled()
+        if enabled == "irregular":
+            warnings.warn(
+                "The model contains some adapter layers that are enabled and others that are disabled. This is most "
+                "likely unintentional. After exiting the disable_adapter context, all adapters will be enabled",
+                stacklevel=3,
+            )
         trainable = {parameter: parameter.requires_grad for parameter in self.parameters()}
-        for _, layer in self.adapter_layers():
-            layer.enable_adapters(False)
-        for _, wrapper in self.modules_to_save_wrappers():
-            wrapper.disable_adapters = True
+        self.base_model.disable_adapter_layers()
         try:
             yield
         finally:
-            for _, layer in self.adapter_layers():
-                layer.enable_adapters(True)
-            for _, wrapper in self.modules_to_save_wrappers():
-                wrapper.disable_adapters = False
+            if enabled is not False:
+                self.base_model.enable_adapter_layers()
             for parameter, requires_grad in trainable.items():
                 parameter.requires_grad_(requires_grad)
+
+    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Merge adapters into the base weights (default: the active ones, in order)."""
+        self.base_model.merge_adapter(adapter_names, safe_merge)
+
+    def merge_layers(
+        self,
+        adapter_names: Sequence[str] | None,
+        safe_merge: bool,
+        around: Callable[[AdapterLayer], contextlib.AbstractContextManager[Any]] | None = None,
+    ) -> None:
+        """:meth:`merge_adapter` with a context around each layer (see :meth:`OrthoTuner.merge_layers`)."""
+        self.base_model.merge_layers(adapter_names, safe_merge, around)
+
+    def unmerge_adapter(self) -> None:
+        """Undo every merge, giving back the original base weights."""
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
+    ) -> nn.Module:
+        """Merge the adapters and return the plain model: the same outputs, no adapter layers left.
+
+        ``modules_to_save`` modules become the active adapter's trained copy.
+        """
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter (unmerging first) and return the original model."""
+        return self.base_model.unload()
 
     # ----------------------------------------------------------------------------------------- counting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -363,80 +378,6 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         percent = 100 * trainable / total
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
 
-    # ------------------------------------------------------------------------------------------ merging
-    def merge_adapter(self, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-        """Merge adapters into the base weights (default: the active ones, in order)."""
-        self.merge_layers(adapter_names, safe_merge)
-
-    def merge_layers(
-        self,
-        adapter_names: Sequence[str] | None,
-        safe_merge: bool,
-        around: Callable[[AdapterLayer], contextlib.AbstractContextManager[Any]] | None = None,
-    ) -> None:
-        """:meth:`merge_adapter` layer by layer, each inside ``around(layer)``: the hook for distributed wrappers,
-        which gather a layer's parameters there (see :mod:`orthotune.integrations.distributed`)."""
-        around = around or (lambda layer: contextlib.nullcontext())
-        names = None if adapter_names is None else list(adapter_names)
-        unknown = [name for name in names or [] if name not in self.peft_config]
-        if unknown:
-            raise ValueError(f"adapter_names={unknown}: this model has adapters {list(self.peft_config)}")
-        to_merge = []
-        for name, layer in self.adapter_layers():
-            wanted = layer.active_adapters if names is None else [a for a in names if a in layer.adapter_names]
-            if wanted:
-                to_merge.append((name, layer, wanted))
-        self._check_untied([(name, layer) for name, layer, _ in to_merge])
-        for _, layer, wanted in to_merge:
-            with around(layer):
-                layer.merge(safe_merge=safe_merge, adapter_names=wanted)
-
-    def _check_untied(self, layers: list[tuple[str, AdapterLayer]]) -> None:
-        """Refuse to merge into a weight that another module shares (tied input and output embeddings)."""
-        users: dict[int, list[str]] = {}
-        for name, parameter in self.get_base_model().named_parameters(remove_duplicate=False):
-            users.setdefault(id(parameter), []).append(name)
-        for name, layer in layers:
-            weight = getattr(layer.get_base_layer(), "weight", None)
-            others = [other for other in users.get(id(weight), []) if not other.startswith(f"{name}.base_layer.")]
-            if others:
-                raise ValueError(
-                    f"cannot merge into {name!r}: its weight is tied to {others[0]!r}, which merging would change "
-                    "as well; keep the adapter unmerged, or untie the weights first"
-                )
-
-    def unmerge_adapter(self) -> None:
-        """Undo every merge, giving back the original base weights."""
-        for _, layer in self.adapter_layers():
-            if layer.merged:
-                layer.unmerge()
-
-    def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Sequence[str] | None = None
-    ) -> nn.Module:
-        """Merge the adapters and return the plain model: the same outputs, no adapter layers left.
-
-        ``modules_to_save`` modules become the active adapter's trained copy.
-        """
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return self._unload(keep_trained_copies=True)
-
-    def unload(self) -> nn.Module:
-        """Remove every adapter (unmerging first) and return the original model."""
-        self.unmerge_adapter()
-        return self._unload(keep_trained_copies=False)
-
-    def _unload(self, keep_trained_copies: bool) -> nn.Module:
-        model = self.get_base_model()
-        for name, module in list(top_level_modules(model)):
-            if isinstance(module, AdapterLayer):
-                model.set_submodule(name, module.get_base_layer())
-            elif isinstance(module, ModulesToSaveWrapper):
-                model.set_submodule(name, module.active_module if keep_trained_copies else module.original_module)
-        self.peft_config.clear()
-        self._active_adapters = []
-        return model
-
     # ------------------------------------------------------------------------------------- saving
     def save_pretrained(
         self,
@@ -448,7 +389,8 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         state_dict: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write each adapter as peft does: ``default`` into ``save_directory``, others into subdirectories.
+        """Write each adapter as peft does: ``default`` into ``save_directory``, others into subdirectories, and a
+        ``README.md`` model card (an existing card is updated, not replaced).
 
         Args:
             safe_serialization: must be ``True``; orthotune writes safetensors only.
@@ -480,6 +422,20 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         adapter), atomically; see :func:`orthotune.single_file.save_model_file` for the arguments."""
         save_model_file(self, path, format, adapter_name, prefixes, dtype)
 
+    def create_or_update_model_card(self, output_dir: str | os.PathLike[str]) -> None:
+        """Write ``README.md`` in ``output_dir`` for these adapters, or update the one there (as peft)."""
+        update_model_card(output_dir, self)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Save the adapters to a temporary directory and upload it to the Hugging Face Hub repo ``repo_id``.
+
+        Needs ``huggingface_hub`` and a network; the arguments are transformers' ``push_to_hub``'s (see
+        :func:`orthotune.integrations.hub.push_to_hub`). Returns the commit information.
+        """
+        from orthotune.integrations.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     # ------------------------------------------------------------------------------------- loading
     def load_file(
         self,
@@ -498,53 +454,56 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         model_id: str | os.PathLike[str],
         adapter_name: str = "default",
         is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        *,
         config: AdapterConfig | None = None,
         subfolder: str | None = None,
         **kwargs: Any,
-    ) -> None:
-        """Load an adapter directory (written by orthotune or peft) as a new adapter ``adapter_name``.
+    ) -> _IncompatibleKeys:
+        """Load an adapter directory (written by orthotune or peft) as adapter ``adapter_name``.
 
-        Everything is checked before the model is touched: on any error the model is exactly as before.
+        A new name adds the adapter (inactive unless it is the first); an existing one gets the file's weights,
+        as in peft (this also fills an adapter created with ``low_cpu_mem_usage=True``). Everything is checked
+        before the model is touched: a file that does not fit, with missing or unexpected keys, is refused and the
+        model is exactly as before.
 
         Args:
             model_id: a local directory with ``adapter_config.json`` and ``adapter_model.safetensors``.
-            is_trainable: ``False`` (default) freezes the adapter and puts the model in eval mode, as peft.
-            config: use this config instead of the directory's.
+            is_trainable: ``False`` (default) freezes a new adapter and puts the model in eval mode, as peft;
+                ``True`` makes a new adapter's parameters trainable even while it is not active, as peft.
+            torch_device, ephemeral_gpu_offload, low_cpu_mem_usage: accepted for peft's sake; the weights are
+                read to the CPU and copied beside each base layer.
+            autocast_adapter_dtype: as in :meth:`add_adapter`.
+            key_mapping: peft's regex renames of file keys (after ``base_model.model.``), first match wins.
+            config: use this config instead of the directory's (it becomes ``peft_config[adapter_name]``).
             subfolder: a subdirectory of ``model_id``.
+
+        Returns:
+            peft's load result: ``missing_keys`` and ``unexpected_keys`` of the adapter (empty: a file with either
+            is refused).
         """
+        _check_float32(autocast_adapter_dtype)
         directory = os.path.join(model_id, subfolder) if subfolder else os.fspath(model_id)
         file = read_adapter_files(directory)
-        if config is not None:
-            config = as_orthotune_config(config)
-            file.tensors = to_peft_convention(config, to_peft_convention(file.config, file.tensors))
-            file.config = copy.deepcopy(config)
-        file.config.inference_mode = not is_trainable
-        self.check_new_adapter(adapter_name, file.config)
-        plan = plan_adapter(self.get_base_model(), adapter_name, file.config)
-        if file.legacy_oft is not None:
-            convert_legacy_oft(file, plan.layers)
-        required = plan.adapter_tensors()
-        optional = optional_file_tensors(self, plan.layers, plan.config)
-        check_tensors(file, required, optional)
-        copy_tensors(file, required)  # into the plan's own tensors: the model is not touched yet
-        self.add_planned_adapter(plan)
-        copy_tensors(file, optional)
+        file.tensors = remap_keys(file.tensors, key_mapping)
+        if adapter_name in self.peft_config:
+            load_into_adapter(self, adapter_name, file)
+        else:
+            load_new_adapter(self, adapter_name, file, config, is_trainable)
         if not is_trainable:
             self.eval()
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
 
     def load_adapter_weights(self, model_id: str | os.PathLike[str], adapter_name: str | None = None) -> None:
         """Overwrite an existing adapter's weights from a directory (resuming training), checked first."""
-        adapter_name = adapter_name or self._active_adapters[0]
+        adapter_name = adapter_name or self.active_adapters[0]
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter_name={adapter_name!r}: this model has adapters {list(self.peft_config)}")
-        file = read_adapter_files(model_id)
-        if file.config.peft_type != self.peft_config[adapter_name].peft_type or file.legacy_oft is not None:
-            raise ValueError(f"{model_id} holds a {file.config.peft_type} adapter, not one like {adapter_name!r}")
-        file.tensors = to_peft_convention(self.peft_config[adapter_name], to_peft_convention(file.config, file.tensors))
-        required = own_file_tensors(self, adapter_name)
-        optional = adapter_file_tensors(self, adapter_name, save_embedding_layers=True)
-        check_tensors(file, required, optional)
-        copy_tensors(file, optional)
+        load_into_adapter(self, adapter_name, read_adapter_files(model_id))
 
     @classmethod
     def from_pretrained(
@@ -554,6 +513,10 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: AdapterConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> OrthoModel:
         """Wrap ``model`` and load the adapter in ``model_id`` (see :meth:`load_adapter`).
@@ -561,10 +524,33 @@ class OrthoModel(ActiveAdapters, _ForwardsAttributes):
         As in peft, the adapter layers go into ``model`` itself: a pipeline component stays what it was, so
         ``PeftModel.from_pretrained(pipe.unet, path)`` is all a diffusers pipeline needs; keep the returned
         wrapper to merge (``merge_and_unload()`` returns that same, now plain, ``pipe.unet``), unload or save.
+        A ``config`` passed here becomes ``peft_config[adapter_name]`` itself, as in peft. Without
+        ``key_mapping``, the model's own ``_checkpoint_conversion_mapping`` (transformers) is applied, as peft does.
         """
+        if key_mapping is None:
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
         wrapped = cls(model)
-        wrapped.load_adapter(model_id, adapter_name, is_trainable=is_trainable, config=config, **kwargs)
+        wrapped.load_adapter(
+            model_id,
+            adapter_name,
+            is_trainable=is_trainable,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            ephemeral_gpu_offload=ephemeral_gpu_offload,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            key_mapping=key_mapping,
+            config=config,
+            **kwargs,
+        )
         return wrapped
+
+
+def _check_float32(autocast_adapter_dtype: bool) -> None:
+    if not autocast_adapter_dtype:
+        warnings.warn(
+            "autocast_adapter_dtype=False: orthotune keeps adapter parameters in float32 whatever the base model's "
+            "dtype (rotations are built in float32 and cast to the activations' dtype; see docs/math.md)",
+            stacklevel=3,
+        )
 
 
 #: peft's name for the wrapper class.
@@ -582,8 +568,8 @@ def get_peft_model(
 ) -> OrthoModel:
     """Wrap ``model`` and add the adapter ``adapter_name`` described by ``peft_config`` (peft's entry point).
 
-    ``autocast_adapter_dtype`` and ``low_cpu_mem_usage`` are accepted for peft's sake: adapter parameters are
-    always float32 and small. ``revision`` is recorded in the config.
+    ``peft_config`` itself becomes the model's config of the adapter, as in peft; ``revision`` is recorded in it.
+    ``low_cpu_mem_usage`` creates the adapter on the meta device (see :meth:`OrthoModel.add_adapter`).
 
     Example:
         >>> model = get_peft_model(model, OFTConfig(r=8, target_modules=["q_proj", "v_proj"]))  # doctest: +SKIP
@@ -593,6 +579,13 @@ def get_peft_model(
         raise NotImplementedError("mixed=True (adapters of different methods in one model) is not supported")
     config = as_orthotune_config(peft_config)
     if revision is not None:
-        config = copy.deepcopy(config)
+        if config.revision is not None and config.revision != revision:
+            warnings.warn(
+                f"peft config has already set base model revision to {config.revision}, overwriting with revision "
+                f"{revision}",
+                stacklevel=2,
+            )
         config.revision = revision
-    return OrthoModel(model, config, adapter_name)
+    return OrthoModel(
+        model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
+    )

@@ -43,10 +43,29 @@ class ModulesToSaveWrapper(nn.Module):
             self.active_adapter = adapter_name
 
     def set_adapter(self, adapter_names: Sequence[str], inference_mode: bool = False) -> None:
-        """Activate the copy of the first of ``adapter_names`` that has one; only it trains."""
-        self.active_adapter = next((name for name in adapter_names if name in self.modules_to_save), None)
+        """Activate the copy of the one of ``adapter_names`` that has one; only it trains.
+
+        Two of them with a copy each are refused, as in peft: only one copy can be used.
+        """
+        holders = [name for name in adapter_names if name in self.modules_to_save]
+        if len(holders) > 1:
+            raise ValueError(f"Only one adapter can be set at a time for this modules_to_save module, got {holders}")
+        self.active_adapter = holders[0] if holders else None
         for name, module in self.modules_to_save.items():
             module.requires_grad_(name == self.active_adapter and not inference_mode)
+
+    def set_requires_grad(self, adapter_names: Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' copies on or off, leaving the others as they are."""
+        for name, module in self.modules_to_save.items():
+            if name in adapter_names:
+                module.requires_grad_(requires_grad)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Use the active copy (``True``) or the original module (``False``, every copy frozen)."""
+        self.disable_adapters = not enabled
+        if not enabled:
+            for module in self.modules_to_save.values():
+                module.requires_grad_(False)
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:  # nn.ModuleDict.pop takes no default

@@ -13,6 +13,7 @@ import copy
 import re
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 from orthotune.adapter_layer import AdapterLayer
@@ -30,6 +31,7 @@ __all__ = [
     "resolved_config",
     "target_module_names",
     "top_level_modules",
+    "trained_biases",
 ]
 
 #: ``target_modules`` when a config gives none, by transformers ``model_type`` (peft's choices).
@@ -66,7 +68,7 @@ TASK_MODULES_TO_SAVE = {
 
 
 # ------------------------------------------------------------------------------------------------ matching
-def name_matches(names: list[str] | str, key: str) -> bool:
+def name_matches(names: list[str] | set[str] | str, key: str) -> bool:
     if isinstance(names, str):
         return re.fullmatch(names, key) is not None
     return any(key == name or key.endswith(f".{name}") for name in names)
@@ -166,9 +168,9 @@ def resolved_config(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
                 f"target_modules=None and orthotune knows no default targets for model_type={model_type!r}; "
                 "pass target_modules, e.g. ['q_proj', 'v_proj'] or 'all-linear'"
             )
-        config.target_modules = list(DEFAULT_TARGET_MODULES[model_type])
+        config.target_modules = set(DEFAULT_TARGET_MODULES[model_type])
     elif isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
-        config.target_modules = _all_linear(model, config)
+        config.target_modules = set(_all_linear(model, config))
     return config
 
 
@@ -176,3 +178,29 @@ def target_module_names(model: nn.Module, config: AdapterConfig) -> list[str]:
     """The names of the modules of ``model`` that ``config`` adapts (its defaults and ``"all-linear"`` resolved)."""
     config = resolved_config(model, config)
     return [name for name, _ in top_level_modules(model) if is_target_module(config, name)]
+
+
+def trained_biases(model: nn.Module, bias: str, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The biases of ``model`` (by name in it) that train, and are saved, with an adapter of ``bias`` mode.
+
+    ``"all"``: every bias of the model except those inside ``modules_to_save`` wrappers (their copies train
+    whole); ``"<method>_only"``: the biases of the layers the adapter ``adapter_name`` adapts; ``"none"``: none.
+    """
+    if bias == "all":
+        return {
+            name: parameter
+            for name, parameter in model.named_parameters()
+            if name.rpartition(".")[2] == "bias"
+            and ".modules_to_save." not in f".{name}"
+            and ".original_module." not in f".{name}"
+        }
+    if bias == "none":
+        return {}
+    biases = {}
+    for name, module in top_level_modules(model):
+        if not isinstance(module, AdapterLayer) or adapter_name not in module.adapter_names:
+            continue
+        base_bias = getattr(module.get_base_layer(), "bias", None)
+        if isinstance(base_bias, torch.Tensor):
+            biases[f"{name}.base_layer.bias"] = base_bias
+    return biases
