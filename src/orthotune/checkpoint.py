@@ -195,6 +195,23 @@ def _peft_neumann_terms(raw: dict[str, Any], source: str) -> dict[str, Any]:
     return raw
 
 
+def adapted_module_names(file: AdapterFile) -> list[str]:
+    """The modules an adapter file adapts, by their name in the model (no ``base_model.model.``), in file order.
+
+    A key belongs to an adapted layer when one of its dotted parts starts with the method's ``prefix``
+    (``oft_``, ``boft_``, ``hra_``: peft's own rule for telling adapter tensors from saved base tensors); the
+    module is what comes before that part. The config says the prefix, so every registered method is read alike.
+    """
+    prefix = OFTConfig.prefix if file.legacy_oft is not None else file.config.prefix
+    names: dict[str, None] = {}
+    for key in file.tensors:
+        parts = (key[len(MODEL_PREFIX) :] if key.startswith(MODEL_PREFIX) else key).split(".")
+        position = next((index for index, part in enumerate(parts) if part.startswith(prefix)), None)
+        if position:
+            names.setdefault(".".join(parts[:position]), None)
+    return list(names)
+
+
 # ------------------------------------------------------------------------------------------ keys of a model
 def layer_tensors(module_name: str, layer: AdapterLayer, adapter_name: str) -> dict[str, torch.Tensor]:
     """File keys of one adapter in one adapted layer, to its parameters."""

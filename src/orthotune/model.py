@@ -1,4 +1,4 @@
-"""Whole models: find the layers to adapt, wrap them in OFT/BOFT layers, and give peft's model API.
+"""Whole models: find the layers to adapt, wrap them in OFT/BOFT/HRA layers, and give peft's model API.
 
     get_peft_model(model, OFTConfig(r=8, target_modules=["q_proj", "v_proj"]))
       └─ OrthoModel                                  (peft's PeftModel: save, load, merge, adapters by name)
@@ -80,7 +80,7 @@ class OrthoTuner(_ForwardsAttributes):
 
 
 class OrthoModel(ActiveAdapters, _ForwardsAttributes):
-    """A model with named OFT/BOFT adapters and peft's ``PeftModel`` API (also exported as ``PeftModel``).
+    """A model with named OFT/BOFT/HRA adapters and peft's ``PeftModel`` API (also exported as ``PeftModel``).
 
     Calls and attributes not defined here go to the wrapped model (``model.config``, ``generate``,
     ``gradient_checkpointing_enable``, …). Build one with :func:`get_peft_model` or :meth:`from_pretrained`.
