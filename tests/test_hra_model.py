@@ -171,7 +171,7 @@ def test_conv2d_model_files_move_both_ways_with_the_same_outputs(direction: str,
 
 
 # --------------------------------------------------------------------------------------------- Conv1D
-def _peft_dense_h(u: torch.Tensor) -> torch.Tensor:
+def peft_dense_h(u: torch.Tensor) -> torch.Tensor:
     """peft's own ``H`` for the vectors ``u: (d, r)``: ``HRALinear.get_delta_weight`` on a throwaway layer."""
     config = peft.HRAConfig(r=u.shape[1], init_weights=False, target_modules=["x"])
     with warnings.catch_warnings():
@@ -202,7 +202,7 @@ def test_gpt2_conv1d_is_adapted_where_peft_refuses_it() -> None:
     with torch.no_grad():
         for name, layer in layers.items():
             conv = reference.get_submodule(name)
-            conv.weight.copy_(_peft_dense_h(layer.hra_u["default"]).t() @ conv.weight)
+            conv.weight.copy_(peft_dense_h(layer.hra_u["default"]).t() @ conv.weight)
     assert rel_err(adapted, _logits(reference, tokens)) <= 1e-5
     assert rel_err(adapted, _logits(tiny_gpt2(), tokens)) > 1e-3
     assert rel_err(_logits(ours.merge_and_unload(), tokens), adapted) <= 1e-5
