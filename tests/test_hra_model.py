@@ -171,15 +171,17 @@ def test_conv2d_model_files_move_both_ways_with_the_same_outputs(direction: str,
 
 
 # --------------------------------------------------------------------------------------------- Conv1D
-def peft_dense_h(u: torch.Tensor) -> torch.Tensor:
-    """peft's own ``H`` for the vectors ``u: (d, r)``: ``HRALinear.get_delta_weight`` on a throwaway layer."""
-    config = peft.HRAConfig(r=u.shape[1], init_weights=False, target_modules=["x"])
+def peft_dense_h(u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:
+    """peft's own ``H`` for the vectors ``u: (d, r)``, in float64: ``HRALinear.get_delta_weight`` on a throwaway
+    float64 layer."""
+    config = peft.HRAConfig(r=u.shape[1], apply_GS=apply_gs, init_weights=False, target_modules=["x"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         layer = peft.tuners.hra.layer.HRALinear(nn.Linear(u.shape[0], 1), "default", config=config, r=u.shape[1])
+    layer.double()
     with torch.no_grad():
         layer.hra_u["default"].copy_(u)
-        return layer.get_delta_weight("default").double()
+        return layer.get_delta_weight("default")
 
 
 def test_gpt2_conv1d_is_adapted_where_peft_refuses_it() -> None:
