@@ -116,10 +116,12 @@ def test_several_adapters_save_and_load_both_ways(tmp_path) -> None:
 
 
 def test_mixed_batch_with_two_hra_adapters_equals_per_sample_runs() -> None:
-    ours, _ = _ours_and_peft()
+    ours, theirs = _ours_and_peft()
     tokens = token_batch(batch=4)
     names = ["two", "one", "__base__", "two"]
     mixed = _logits(ours, tokens, adapter_names=names)
+    ignored = torch.equal(_logits(theirs, tokens, adapter_names=names), _logits(theirs, tokens))
+    document_upstream_defect(ignored, "peft's HRA accepts adapter_names and applies the active adapter to every row")
     expected = []
     for row, name in enumerate(names):
         if name == "__base__":
