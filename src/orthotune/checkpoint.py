@@ -6,6 +6,7 @@ Keys are the model's state-dict keys under ``base_model.model.`` with the adapte
     base_model.model.model.embed_tokens.oft_embedding_R.weight         (r, b(b-1)/2)    OFT on an embedding
     base_model.model.bert.encoder.layer.0.attention.self.query.boft_R (m, N, b, b)     BOFT
     base_model.model.bert.encoder.layer.0.attention.self.query.boft_s (out, 1)         BOFT
+    base_model.model.model.layers.0.self_attn.q_proj.hra_u             (in, r)          HRA
     base_model.model.classifier.weight                                                  modules_to_save
 
 One convention differs and is mapped on the way in and out: peft's exact Cayley mode
