@@ -66,6 +66,18 @@ def peft_oft(model: nn.Module) -> nn.Module:
     return peft.get_peft_model(model, config)
 
 
+def orthotune_hra(model: nn.Module) -> nn.Module:
+    import orthotune
+
+    return orthotune.get_peft_model(model, orthotune.HRAConfig(r=8, target_modules=TARGETS))
+
+
+def peft_hra(model: nn.Module) -> nn.Module:
+    import peft
+
+    return peft.get_peft_model(model, peft.HRAConfig(r=8, target_modules=TARGETS))
+
+
 class SavedTensors:
     """Records what autograd saves: ``(dtype, numel, bytes, storage pointer, inside an adapter layer)``."""
 

@@ -17,6 +17,9 @@ stay frozen):
 ``peft-oft-b32``            ``peft.OFTConfig(r=0, oft_block_size=32)``
 ``peft-boft-b8-m2``         ``peft.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2)``, run with
                             its block-diagonal step in plain torch (``_peft_boft_cpu``)
+``orthotune-hra-r8``        ``orthotune.HRAConfig(r=8)`` (8 Householder reflections per layer)
+``peft-hra-r8``             ``peft.HRAConfig(r=8)``
+``peft-lora-r8``            ``peft.LoraConfig(r=8, lora_alpha=16)`` -- LoRA of HRA's rank
 ``peft-lora-r16``           ``peft.LoraConfig(r=16, lora_alpha=32)`` -- the reference of the ratios
 ``full-finetune``           every parameter trainable, no adapter
 ``frozen-forward``          forward and loss under ``torch.no_grad()``, no backward, no optimizer
@@ -28,8 +31,9 @@ A training step is ``optimizer.zero_grad(set_to_none=True)``, forward with label
 Time per step
 -------------
 All configurations live in one process. Each is timed in a group with peft LoRA r=16 (OFT: orthotune,
-peft and LoRA together; BOFT likewise), every member once per repetition in rotating order, and the
-reported ratio is the median of per-repetition ratios (``_timing``), with the 25th-75th percentile.
+peft and LoRA together; BOFT likewise; HRA with peft's HRA and LoRA r=8 too), every member once per
+repetition in rotating order, and the reported ratio is the median of per-repetition ratios (``_timing``),
+with the 25th-75th percentile. Rows timed with LoRA r=8 also get their ratio to it.
 
 Peak memory
 -----------
@@ -89,6 +93,8 @@ from _timing import Budget, Spread, environment_line, paired_ratios, render_mark
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REFERENCE = "peft-lora-r16"
+#: LoRA of HRA's rank, timed in HRA's group: its rows also get their ratio to it.
+SAME_RANK_LORA = "peft-lora-r8"
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,24 @@ def peft_lora(model: nn.Module) -> nn.Module:
     return peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
 
 
+def orthotune_hra(model: nn.Module) -> nn.Module:
+    import orthotune
+
+    return orthotune.get_peft_model(model, orthotune.HRAConfig(r=8, target_modules=TARGETS))
+
+
+def peft_hra(model: nn.Module) -> nn.Module:
+    import peft
+
+    return peft.get_peft_model(model, peft.HRAConfig(r=8, target_modules=TARGETS))
+
+
+def peft_lora_r8(model: nn.Module) -> nn.Module:
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+
+
 def full_finetune(model: nn.Module) -> nn.Module:
     return model.requires_grad_(True)
 
@@ -182,6 +206,9 @@ CONFIGS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "orthotune-boft-b8-m2": orthotune_boft,
     "peft-oft-b32": peft_oft,
     "peft-boft-b8-m2": peft_boft,
+    "orthotune-hra-r8": orthotune_hra,
+    "peft-hra-r8": peft_hra,
+    "peft-lora-r8": peft_lora_r8,
     "peft-lora-r16": peft_lora,
     "full-finetune": full_finetune,
     "frozen-forward": frozen,
@@ -190,6 +217,7 @@ CONFIGS: dict[str, Callable[[nn.Module], nn.Module]] = {
 GROUPS: tuple[tuple[str, ...], ...] = (
     ("orthotune-oft-b32", "peft-oft-b32"),
     ("orthotune-boft-b8-m2", "peft-boft-b8-m2"),
+    ("orthotune-hra-r8", "peft-hra-r8", SAME_RANK_LORA),
     ("full-finetune",),
     ("frozen-forward",),
 )
@@ -237,6 +265,7 @@ class StepResult:
     vs_reference: Spread | None  # per-repetition time / peft LoRA time
     peft_over_ours: Spread | None  # orthotune rows: per-repetition peft time / orthotune time
     repeats: int
+    vs_same_rank_lora: Spread | None = None  # rows timed with LoRA r=8: per-repetition time / its time
 
 
 def time_steps(shape: ModelShape, names: Sequence[str], budget: Budget) -> list[StepResult]:
@@ -259,6 +288,9 @@ def time_steps(shape: ModelShape, names: Sequence[str], budget: Budget) -> list[
                 vs_reference=Spread.of(paired_ratios(times[name], times[REFERENCE])),
                 peft_over_ours=Spread.of(paired_ratios(times[twin], times[name])) if ours and twin in times else None,
                 repeats=len(times[name]),
+                vs_same_rank_lora=Spread.of(paired_ratios(times[name], times[SAME_RANK_LORA]))
+                if SAME_RANK_LORA in times and name != SAME_RANK_LORA
+                else None,
             )
             if name == REFERENCE and name in results:
                 continue  # keep the reference's first group; every group re-times it only to pair with it
@@ -382,6 +414,7 @@ STEP_HEADERS = (
     "ms / step [p25-p75]",
     "x LoRA r=16 [p25-p75]",
     "peft / ours [p25-p75]",
+    "x LoRA r=8 [p25-p75]",
     "reps",
 )
 MEMORY_HEADERS = (
@@ -398,6 +431,7 @@ def step_rows(results: Sequence[StepResult]) -> list[list[str]]:
             r.ms.format(1),
             r.vs_reference.format(3) if r.vs_reference and r.name != REFERENCE else "1 (reference)",
             r.peft_over_ours.format() if r.peft_over_ours else "",
+            r.vs_same_rank_lora.format(3) if r.vs_same_rank_lora else "",
             str(r.repeats),
         ]
         for r in results
@@ -496,7 +530,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print("\n" + render(STEP_HEADERS, step_rows(steps)))
         out["steps"] = [
             {"name": r.name, "params": r.params, "ms": r.ms.median, "vs_lora": r.vs_reference.median,
-             "peft_over_ours": r.peft_over_ours.median if r.peft_over_ours else None, "repeats": r.repeats}
+             "peft_over_ours": r.peft_over_ours.median if r.peft_over_ours else None, "repeats": r.repeats,
+             "vs_lora_r8": r.vs_same_rank_lora.median if r.vs_same_rank_lora else None}
             for r in steps
         ]  # fmt: skip
     if not args.skip_memory:

@@ -9,8 +9,8 @@ random layer and inputs, for every backend that is installed:
 * ``merge``: what requantizing after the rotation adds, ``‖merged(x) − unmerged(x)‖ / ‖unmerged(x)‖``;
 * ``unmerge``: whether unmerge gives back the packed weight bit for bit (it keeps the pre-merge storage).
 
-Norms are Frobenius norms over a batch of inputs. ``tests/test_integrations_quantized.py`` checks the same quantities with
-the same code; the table in docs/reach.md comes from::
+Norms are Frobenius norms over a batch of inputs. ``tests/test_integrations_quantized.py`` checks the same
+quantities with the same code; the table in docs/reach.md comes from::
 
     python benchmarks/quantized_merge_error.py --markdown
 """
@@ -138,7 +138,7 @@ def same_storage(a: dict[str, list[torch.Tensor]], b: dict[str, list[torch.Tenso
 
 def adapted(base: nn.Module, method: str) -> nn.Module:
     """Wrap ``base`` with a random (non-identity) orthotune adapter of the given method."""
-    from orthotune import boft, oft
+    from orthotune import boft, hra, oft
 
     if method == "OFT":
         return oft.Linear(base, "default", r=0, oft_block_size=32, init_weights=False)
@@ -148,7 +148,9 @@ def adapted(base: nn.Module, method: str) -> nn.Module:
         return boft.Linear(
             base, "default", boft_block_size=8, boft_n_butterfly_factor=2, boft_dropout=0.0, init_weights=False
         )
-    raise ValueError(f"method={method!r}: expected 'OFT', 'COFT' or 'BOFT'")
+    if method == "HRA":
+        return hra.Linear(base, "default", r=8, init_weights=False)
+    raise ValueError(f"method={method!r}: expected 'OFT', 'COFT', 'BOFT' or 'HRA'")
 
 
 def merge_errors(quantizer: Quantizer, method: str, features: int = 256, seed: int = 0) -> dict[str, float | bool]:
@@ -192,7 +194,7 @@ def main() -> None:
         if not quantizer.available():
             rows.append((quantizer.name, "—", f"not installed ({quantizer.package})", "", ""))
             continue
-        for method in ("OFT", "COFT", "BOFT"):
+        for method in ("OFT", "COFT", "BOFT", "HRA"):
             errors = merge_errors(quantizer, method, args.features)
             rows.append(
                 (

@@ -1,7 +1,7 @@
 """Training code shared by tests/test_distributed.py, tests/test_deepspeed.py and the processes they start
 (not a test file).
 
-Each process builds the same tiny Llama, adds an OFT or BOFT adapter, wraps the model in DDP or FSDP2 (here) or
+Each process builds the same tiny Llama, adds an OFT, BOFT or HRA adapter, wraps the model in DDP or FSDP2 (here) or
 a DeepSpeed engine (tests/deepspeed_worker.py), or nothing for the one-process reference, and takes
 :data:`STEPS` SGD steps on its rows of one global batch. :func:`spawn` starts the processes and bounds their
 time; :func:`run_scenarios` runs a process's scenarios in one process group and writes its report.
@@ -30,7 +30,7 @@ STEPS = 3
 GLOBAL_BATCH, SEQ = 4, 16
 LR = 0.5
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-METHODS = ("oft", "boft")
+METHODS = ("oft", "boft", "hra")
 WRAPPERS = ("ddp", "fsdp2")
 WORLD_SIZE = 2
 # A collective whose peer died fails after this long instead of gloo's 30 minutes; spawn's deadline is longer.
@@ -42,6 +42,8 @@ def adapter_config(method: str) -> Any:
 
     if method == "oft":  # peft's defaults otherwise: Cayley-Neumann, 5 terms
         return orthotune.OFTConfig(r=0, oft_block_size=16, module_dropout=0.0, target_modules=TARGETS)
+    if method == "hra":
+        return orthotune.HRAConfig(r=8, init_weights=False, target_modules=TARGETS)
     return orthotune.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2, boft_dropout=0.0, target_modules=TARGETS)
 
 

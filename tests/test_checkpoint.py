@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from tiny_models import tiny_bert, tiny_llama, token_batch
 
 import orthotune
-from orthotune import BOFTConfig, OFTConfig, get_peft_model
-from orthotune.checkpoint import AdapterFileError
+from orthotune import BOFTConfig, HRAConfig, OFTConfig, get_peft_model
+from orthotune.checkpoint import AdapterFileError, adapted_module_names, read_adapter_files
 
 PREFIX = "base_model.model.model.layers.0.self_attn."
 
@@ -212,6 +212,25 @@ def test_an_adapter_for_another_model_is_refused(tmp_path) -> None:
     with pytest.raises(AdapterFileError, match="another model"):
         orthotune.PeftModel.from_pretrained(wider, directory)
     _assert_unchanged(wider, before)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        OFTConfig(oft_block_size=8, target_modules=["query", "value", "word_embeddings"], bias="oft_only"),
+        BOFTConfig(boft_block_size=4, target_modules=["key", "dense"], task_type="SEQ_CLS"),
+        HRAConfig(r=2, target_modules=["query", "dense"], bias="all", task_type="SEQ_CLS"),
+    ],
+    ids=["oft", "boft", "hra"],
+)
+def test_adapted_module_names_are_read_from_any_method_s_file(config, tmp_path) -> None:
+    """The names come from the file alone (no model), and exclude saved heads, biases and embeddings."""
+    model = get_peft_model(tiny_bert(), config)
+    model.save_pretrained(tmp_path, save_embedding_layers=True)
+    file = read_adapter_files(tmp_path)
+    assert any(not key.startswith(tuple(f"base_model.model.{n}.{config.prefix}" for n, _ in model.adapter_layers()))
+               for key in file.tensors)  # fmt: skip
+    assert sorted(adapted_module_names(file)) == sorted(name for name, _ in model.adapter_layers())
 
 
 def test_load_adapter_weights_overwrites_an_existing_adapter(tmp_path) -> None:

@@ -141,6 +141,10 @@ def _leftovers(directory: Path) -> list[str]:
         (["--neumann-terms", "2"], ["--neumann-terms 2 is too few"]),
         (["--epochs", "-1"], ["--epochs", "-1"]),
         (["--method", "lora"], ["--method", "lora"]),
+        (["--method", "hra", "--block-size", "8"], ["--block-size describe the rotation blocks", "--reflections"]),
+        (["--method", "hra", "--reflections", "5"], ["--reflections 5 is odd", "use 6"]),
+        (["--method", "hra", "--neumann-terms", "5"], ["--neumann-terms", "--method oft only"]),
+        (["--reflections", "4"], ["--reflections applies to --method hra only"]),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -353,3 +357,61 @@ def test_finetune_boft_regression_on_jsonl(
     assert metrics["metric"] == "pearson_r"
     assert -1.0 <= metrics["before"]["pearson_r"] <= 1.0 and -1.0 <= metrics["after"]["pearson_r"] <= 1.0
     assert "regression" in out and "4 layers (query, value)" in out
+
+
+def test_finetune_hra_trains_saves_and_merges(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_model: Path, csv_file: Path
+) -> None:
+    import torch
+
+    output = tmp_path / "hra"
+    status, out, err = run_cli(
+        capsys,
+        "finetune",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(csv_file),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "sentiment",
+        "--method",
+        "hra",
+        "--reflections",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "1e-2",
+        "--output",
+        str(output),
+        "--merge",
+        "--quiet",
+    )
+    assert status == 0, err
+    assert "HRA on 12 layers" in out and "4 reflections per layer" in out
+    config = json.loads((output / "adapter_config.json").read_text(encoding="utf-8"))
+    assert config["peft_type"] == "HRA" and config["r"] == 4
+    with safe_open(output / "adapter_model.safetensors", "pt") as adapter:
+        shapes = {key: tuple(adapter.get_slice(key).get_shape()) for key in adapter.keys() if key.endswith(".hra_u")}
+    assert len(shapes) == 2 * 6 and set(shapes.values()) == {(32, 4), (64, 4)}
+    metrics = json.loads((output / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["adapter_parameters"] == 2 * (5 * 32 + 64) * 4
+
+    # Training moved H away from the identity it started at (equal reflections in pairs).
+    status, out, err = run_cli(capsys, "inspect", str(output), "--json")
+    assert status == 0, err
+    assert json.loads(out)["total"]["max_angle_degrees"] > 1e-3
+
+    # The merged model is the adapted encoder: reload the adapter with the library and compare hidden states.
+    base = transformers.BertModel.from_pretrained(tiny_model, add_pooling_layer=False).eval()
+    adapted = orthotune.PeftModel.from_pretrained(base, output)
+    merged = transformers.BertModel.from_pretrained(output / "merged").eval()
+    tokens = torch.tensor([[2, 5, 6, 7, 3], [2, 10, 11, 3, 0]])
+    with torch.no_grad():
+        expected = adapted(input_ids=tokens).last_hidden_state
+        got = merged(input_ids=tokens).last_hidden_state
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from references import run_cli
+from test_hra_model import peft_dense_h
 
 import orthotune
 from orthotune.checkpoint import read_adapter_files
@@ -277,6 +278,58 @@ def test_inspect_boft_reports_factors_and_energy(
     assert report["total"]["max_abs_relative_energy_change"] < 1e-6
     status, out, err = run_cli(capsys, "inspect", str(adapter), "--base", str(base_dir))
     assert status == 0 and "ΔHE" in out and "boft_R" not in out
+
+
+@pytest.mark.parametrize(
+    ("options", "trained"),
+    [({"r": 4}, True), ({"r": 5}, True), ({"r": 4, "apply_GS": True}, True), ({"r": 4}, False)],
+    ids=["r4", "odd-r5", "gram-schmidt", "identity-init"],
+)
+def test_inspect_hra_matches_peft_s_dense_h(
+    options: dict, trained: bool, base_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = tmp_path / "adapter"
+    config = orthotune.HRAConfig(target_modules=["query", "value"], init_weights=not trained, **options)
+    model = orthotune.get_peft_model(_load_base(base_dir), config)
+    model.save_pretrained(adapter)
+    with_base = options == {"r": 4} and trained
+    status, out, err = run_cli(
+        capsys, "inspect", str(adapter), "--json", *(["--base", str(base_dir)] if with_base else [])
+    )
+    assert status == 0, err
+    report = json.loads(out)
+    layers = dict(model.adapter_layers())
+    assert {layer["name"] for layer in report["layers"]} == set(layers) and len(layers) == 4
+    for layer in report["layers"]:
+        u = layers[layer["name"]].hra_u["default"].detach().double()
+        h = peft_dense_h(u, options.get("apply_GS", False))
+        eye = torch.eye(32, dtype=torch.float64)
+        assert (layer["method"], layer["block_size"], layer["reflections"], layer["parameters"]) == (
+            "HRA",
+            32,
+            options["r"],
+            32 * options["r"],
+        )
+        assert layer["max_angle_degrees"] == pytest.approx(
+            math.degrees(float(torch.linalg.eigvals(h).angle().abs().max())), rel=1e-6, abs=1e-6
+        )
+        assert layer["orthogonality_error"] < 1e-12 and float(torch.linalg.matrix_norm(h.T @ h - eye, ord=2)) < 1e-12
+        assert layer["distance_from_identity"] == pytest.approx(float(torch.linalg.matrix_norm(h - eye)), abs=1e-9)
+        norms = torch.linalg.vector_norm(u, dim=0)
+        assert layer["max_generator_norm"] == pytest.approx(float(norms.max()), rel=1e-12)
+        assert layer["vector_norm_range"] == pytest.approx([float(norms.min()), float(norms.max())], rel=1e-12)
+    angle = report["total"]["max_angle_degrees"]
+    if options["r"] % 2 or options.get("apply_GS"):
+        assert angle == pytest.approx(180.0) and any("180°" in note for note in report["notes"])
+    elif trained:
+        assert 1.0 < angle < 180.0
+    else:
+        assert angle < 1e-6  # the identity
+    if with_base:
+        assert report["total"]["max_abs_relative_energy_change"] < 1e-6
+    status, out, err = run_cli(capsys, "inspect", str(adapter))
+    built_by = "gram-schmidt ×" if options.get("apply_GS") else "householder ×"
+    assert status == 0 and "max‖u_i‖" in out and f"{built_by}{options['r']}" in out
 
 
 def test_energy_subsamples_deterministically() -> None:

@@ -1,4 +1,4 @@
-"""``torch.compile`` of OFT and BOFT linear layers: no graph breaks, eager numerics, no recompilation.
+"""``torch.compile`` of OFT, BOFT and HRA linear layers: no graph breaks, eager numerics, no recompilation.
 
 Fast backends only (``eager``/``aot_eager``): what is checked is Dynamo's capture and AOTAutograd's backward,
 not inductor's code generation.
@@ -13,9 +13,11 @@ import torch
 import torch._dynamo
 import torch._dynamo.testing
 from references import rel_err
+from tiny_models import tiny_llama, token_batch
 from torch import nn
 
-from orthotune import boft, oft
+import orthotune
+from orthotune import boft, hra, oft
 
 IN, OUT = 16, 8
 
@@ -28,6 +30,11 @@ def _boft(**kwargs: object) -> Callable[[nn.Module], nn.Module]:
     return lambda base: boft.Linear(base, "default", boft_block_size=4, init_weights=False, **kwargs)
 
 
+def _hra(**kwargs: object) -> Callable[[nn.Module], nn.Module]:
+    options = {"r": 4, **kwargs}
+    return lambda base: hra.Linear(base, "default", init_weights=False, **options)
+
+
 # (make layer with dropout, make the same layer without dropout for the numerical comparison)
 LAYERS = {
     "oft-exact": _oft(),
@@ -38,6 +45,9 @@ LAYERS = {
     "boft-m1": _boft(boft_n_butterfly_factor=1, boft_dropout=0.0),
     "boft-m2": _boft(boft_n_butterfly_factor=2, boft_dropout=0.0),
     "boft-m2-dropout": _boft(boft_n_butterfly_factor=2, boft_dropout=0.5),
+    "hra-r4": _hra(),
+    "hra-odd-r": _hra(r=5),
+    "hra-gram-schmidt": _hra(apply_GS=True),
 }
 HAS_DROPOUT = {"oft-module_dropout", "boft-m2-dropout"}
 
@@ -133,3 +143,23 @@ def test_compiled_dropout_stays_random(name: str) -> None:
         undropped = _without_dropout(layer)(x)
     assert any(not torch.equal(outputs[0], other) for other in outputs[1:]), "dropout mask was traced as a constant"
     assert all(rel_err(output, undropped) > 1e-4 for output in outputs)  # every call dropped some blocks
+
+
+def test_tiny_llama_with_hra_on_every_linear_layer_compiles_whole() -> None:
+    """Dynamo captures the whole adapted model in one graph (``fullgraph=True`` fails on any break), with the
+    eager loss and gradients; the layers' AOTAutograd backward is checked above."""
+    config = orthotune.HRAConfig(r=4, target_modules="all-linear", init_weights=False)
+    eager, compiled = (orthotune.get_peft_model(tiny_llama(), config).train() for _ in range(2))
+    compiled.load_state_dict(eager.state_dict())
+    tokens = token_batch()
+    losses = {}
+    for name, model in (("eager", eager), ("compiled", torch.compile(compiled, fullgraph=True, backend="eager"))):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        losses[name] = loss.detach()
+    assert rel_err(losses["compiled"], losses["eager"]) < 1e-6
+    grads = {n: p.grad for n, p in compiled.named_parameters() if p.requires_grad}
+    assert len(grads) == 14
+    for name, parameter in eager.named_parameters():
+        if parameter.requires_grad:
+            assert rel_err(grads[name], parameter.grad) < 1e-5, name

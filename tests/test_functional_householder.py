@@ -18,6 +18,7 @@ from orthotune.functional import (
     householder_compose,
     householder_dense,
     householder_gram_schmidt,
+    householder_on_span,
     householder_rotate_activations,
     householder_rotate_weight,
     householder_unit_vectors,
@@ -272,3 +273,50 @@ def test_backward_keeps_only_x_and_the_small_tensors() -> None:
     activation_sized = [tensor for tensor in saved if tensor.numel() >= n * d]
     assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
     assert sum(tensor.numel() for tensor in saved) == x.numel() + v.numel() + t.numel()
+
+
+# ---------------------------------------------------------------------------------------- on the span
+@FAST
+@given(
+    d=st.integers(1, 16),
+    r=st.integers(1, 20),
+    apply_gs=st.booleans(),
+    paired=st.booleans(),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    seed=seeds,
+)
+def test_on_span_holds_the_eigenvalues_orthogonality_and_distance_of_the_dense_h(
+    d: int, r: int, apply_gs: bool, paired: bool, scale: float, seed: int
+) -> None:
+    """``B`` has ``H``'s eigenvalues (the rest are ones), its ``‖HᵀH − I‖₂`` and its ``‖H − I‖_F``, also for more
+    vectors than features and for the rank-deficient pairs of the identity initialisation."""
+    if apply_gs:
+        r = min(r, d)
+    u = randn(d, r, seed=seed, scale=scale)
+    if paired:
+        u = torch.repeat_interleave(u[:, : (r + 1) // 2], 2, dim=1)[:, :r]
+    h = reference(u, apply_gs) if not (apply_gs and paired) else None
+    if h is None:  # Gram-Schmidt of equal columns is undefined in peft's form; ours is the truth's stand-in
+        h = householder_dense(u, apply_gs=True)
+    b = householder_on_span(*householder_wy(u, apply_gs))
+    assert b.shape == (min(d, r), min(d, r))
+    eye_b, eye_h = torch.eye(b.shape[0], dtype=torch.float64), torch.eye(d, dtype=torch.float64)
+    angles = torch.linalg.eigvals(b).angle().abs()
+    expected = torch.linalg.eigvals(h).angle().abs()
+    padded = torch.cat([angles, torch.zeros(d - b.shape[0], dtype=torch.float64)])
+    torch.testing.assert_close(padded.sort().values, expected.sort().values, rtol=0, atol=1e-6)
+    assert abs(torch.linalg.matrix_norm(b - eye_b) - torch.linalg.matrix_norm(h - eye_h)) < 1e-9
+    gap = torch.linalg.matrix_norm(b.T @ b - eye_b, ord=2) - torch.linalg.matrix_norm(h.T @ h - eye_h, ord=2)
+    assert abs(gap) < 1e-12
+
+
+def test_on_span_sees_a_non_orthogonal_t() -> None:
+    """The orthogonality error is measured, not assumed: a ``T`` that makes no orthogonal ``H`` shows up in full."""
+    u = randn(10, 3, seed=0)
+    v, t = householder_wy(u)
+    broken = 1.1 * t
+    b = householder_on_span(v, broken)
+    dense = torch.eye(10, dtype=torch.float64) - v @ broken @ v.t()
+    error = torch.linalg.matrix_norm(dense.T @ dense - torch.eye(10, dtype=torch.float64), ord=2)
+    assert error > 0.1
+    assert torch.linalg.matrix_norm(b.T @ b - torch.eye(3, dtype=torch.float64), ord=2) == pytest.approx(error)

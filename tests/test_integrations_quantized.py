@@ -17,15 +17,16 @@ import warnings
 import pytest
 import torch
 from references import boft_dense_reference, load_benchmark, rel_err, rotation_reference
+from test_hra_model import peft_dense_h
 from tiny_models import tiny_llama_wide
 from torch import nn
 
 import orthotune
-from orthotune import oft
+from orthotune import hra, oft
 
 quantized_merge_error = load_benchmark("quantized_merge_error")
 QUANTIZERS = {quantizer.name: quantizer for quantizer in quantized_merge_error.QUANTIZERS}
-METHODS = ("OFT", "COFT", "BOFT")
+METHODS = ("OFT", "COFT", "BOFT", "HRA")
 
 pytestmark = pytest.mark.filterwarnings("ignore")  # the backends warn about missing GPU kernels on the CPU
 
@@ -45,6 +46,8 @@ def _random_linear(features: int = 64, seed: int = 0) -> nn.Linear:
 def _expected_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The quantized base layer's own forward on ``x`` rotated by a dense reference rotation."""
     base = layer.base_layer
+    if isinstance(layer, hra.Linear):
+        return base(x @ peft_dense_h(layer.hra_u["default"]).t().float())
     if isinstance(layer, oft.Linear):
         module = layer.oft_R["default"]
         packed = module.packed_generators() if module.coft else module.weight
@@ -61,7 +64,7 @@ def test_trains_on_quantized_base_without_touching_it(backend: str, method: str)
     stored = quantized_merge_error.packed_storage(base)
     layer = quantized_merge_error.adapted(base, method).train()
     trainable = {name for name, parameter in layer.named_parameters() if parameter.requires_grad}
-    assert trainable and all(name.startswith(("oft_R.", "boft_R.", "boft_s.")) for name in trainable)
+    assert trainable and all(name.startswith(("oft_R.", "boft_R.", "boft_s.", "hra_u.")) for name in trainable)
     x = torch.randn(6, 64, requires_grad=True)
 
     y = layer(x)
@@ -134,12 +137,14 @@ def _load_quantized(directory: str, quantization: str) -> nn.Module:
 
 
 @pytest.mark.parametrize("quantization", ["bitsandbytes nf4", "bitsandbytes int8", "optimum-quanto", "torchao"])
-@pytest.mark.parametrize("method", ["OFT", "BOFT"])
+@pytest.mark.parametrize("method", ["OFT", "BOFT", "HRA"])
 def test_quantized_transformers_model_trains_saves_reloads_and_merges(quantization: str, method: str) -> None:
     with tempfile.TemporaryDirectory() as checkpoint, tempfile.TemporaryDirectory() as adapter:
         tiny_llama_wide().save_pretrained(checkpoint)
         if method == "OFT":
             config = orthotune.OFTConfig(r=0, oft_block_size=16, target_modules="all-linear", init_weights=False)
+        elif method == "HRA":
+            config = orthotune.HRAConfig(r=8, target_modules="all-linear", init_weights=False)
         else:
             config = orthotune.BOFTConfig(
                 boft_block_size=8, boft_n_butterfly_factor=2, target_modules="all-linear", boft_dropout=0.0

@@ -19,7 +19,7 @@ from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, token_batch
 from torch import nn
 
 import orthotune
-from orthotune import BOFTConfig, OFTConfig, get_peft_model
+from orthotune import BOFTConfig, HRAConfig, OFTConfig, get_peft_model
 from orthotune.adapter_layer import AdapterLayer
 
 peft = pytest.importorskip("peft")
@@ -227,6 +227,11 @@ def test_merge_and_unmerge_adapter() -> None:
             ),
             "AutoModelForSequenceClassification",
         ),
+        (
+            tiny_gpt2,
+            HRAConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], init_weights=False),
+            "AutoModelForCausalLM",
+        ),
     ],
 )
 def test_merge_and_unload_gives_a_plain_model_with_the_same_outputs(make_model, config, auto_class, tmp_path) -> None:
@@ -270,9 +275,14 @@ def test_merging_into_tied_weights_is_refused() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ mixed batches
-@pytest.mark.parametrize("method", ["OFT", "BOFT"])
+@pytest.mark.parametrize("method", ["OFT", "BOFT", "HRA"])
 def test_mixed_batch_equals_per_sample_runs(method) -> None:
-    if method == "OFT":
+    if method == "HRA":
+        configs = {
+            "a": HRAConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_weights=False),
+            "b": HRAConfig(r=3, target_modules=["key", "value"], task_type="SEQ_CLS", init_weights=False),
+        }
+    elif method == "OFT":
         configs = {
             "a": OFTConfig(
                 oft_block_size=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_weights=False

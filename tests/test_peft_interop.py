@@ -86,6 +86,18 @@ BOFT_CASES = {
     ),
 }
 
+HRA_CASES = {
+    "llama": (tiny_llama, {"r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"]}),
+    "llama-odd-r": (tiny_llama, {"r": 5, "target_modules": ["k_proj", "up_proj"]}),
+    "llama-gram-schmidt": (tiny_llama, {"r": 4, "apply_GS": True, "target_modules": ["q_proj", "o_proj"]}),
+    "llama-all-linear": (tiny_llama, {"r": 2, "target_modules": "all-linear"}),
+    "bert-seq-cls": (tiny_bert, {"r": 4, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}),
+    "bert-bias-only": (
+        tiny_bert,
+        {"r": 6, "target_modules": ["key", "dense"], "bias": "hra_only", "task_type": "SEQ_CLS"},
+    ),
+}
+
 
 def _outputs(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
@@ -115,9 +127,11 @@ def _layout(directory: str) -> dict[str, tuple[int, ...]]:
 
 
 def _cases() -> list:
-    return [pytest.param("OFT", *case, id=f"oft-{name}") for name, case in OFT_CASES.items()] + [
-        pytest.param("BOFT", *case, id=f"boft-{name}") for name, case in BOFT_CASES.items()
-    ]
+    return (
+        [pytest.param("OFT", *case, id=f"oft-{name}") for name, case in OFT_CASES.items()]
+        + [pytest.param("BOFT", *case, id=f"boft-{name}") for name, case in BOFT_CASES.items()]
+        + [pytest.param("HRA", *case, id=f"hra-{name}") for name, case in HRA_CASES.items()]
+    )
 
 
 @pytest.mark.usefixtures("peft_boft_without_cuda")

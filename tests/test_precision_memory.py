@@ -1,5 +1,5 @@
-"""Half precision: a bf16 model trains with orthotune's OFT, the rotation is built in fp32 and applied in bf16,
-and no fp32 activation-sized tensor is kept for backward (peft 0.21.2 keeps one per adapted layer).
+"""Half precision: a bf16 model trains with orthotune's OFT and HRA, the rotation is built in fp32 and applied in
+bf16, and no fp32 activation-sized tensor is kept for backward (peft 0.21.2 keeps one per adapted layer, for both).
 
 The saved-tensor accounting is ``benchmarks/activation_memory.py``'s, so the figures in docs/reach.md come from
 the code these tests check.
@@ -12,10 +12,10 @@ import warnings
 import pytest
 import torch
 from references import load_benchmark, rel_err, rotation_reference
+from test_hra_model import peft_dense_h
 from torch import nn
 
-import orthotune
-from orthotune import oft
+from orthotune import hra, oft
 
 pytest.importorskip("transformers")
 
@@ -48,14 +48,34 @@ def test_bf16_linear_builds_rotation_in_fp32_and_applies_it_in_bf16() -> None:
     assert torch.isfinite(rotation.weight.grad).all() and rotation.weight.grad.abs().sum() > 0
 
 
+def test_bf16_hra_linear_builds_h_in_fp32_and_applies_it_in_bf16() -> None:
+    base = nn.Linear(64, 32).to(torch.bfloat16)
+    layer = hra.Linear(base, "default", r=6, init_weights=False)
+    u = layer.hra_u["default"]
+    assert u.dtype == torch.float32
+    v, t = layer.householder_wy("default")
+    assert v.dtype == t.dtype == torch.float32
+
+    x = torch.randn(3, 7, 64).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    h = peft_dense_h(u)  # peft's own H, float64
+    reference = (x.double() @ h.t()) @ base.weight.double().t() + base.bias.double()
+    assert rel_err(y, reference) < 2e-2  # bf16 rounding of the activations only
+
+    y.float().square().mean().backward()
+    assert u.grad is not None and u.grad.dtype == torch.float32
+    assert torch.isfinite(u.grad).all() and u.grad.abs().sum() > 0
+
+
 def _tokens() -> torch.Tensor:
     return torch.randint(0, 128, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
 
 
-def test_bf16_tiny_llama_trains() -> None:
-    model = orthotune.get_peft_model(
-        activation_memory.tiny_llama(), orthotune.OFTConfig(oft_block_size=16, target_modules=activation_memory.TARGETS)
-    )
+@pytest.mark.parametrize("method", ["OFT", "HRA"])
+def test_bf16_tiny_llama_trains(method: str) -> None:
+    wrap = {"OFT": activation_memory.orthotune_oft, "HRA": activation_memory.orthotune_hra}[method]
+    model = wrap(activation_memory.tiny_llama())
     adapters = [p for p in model.parameters() if p.requires_grad]
     assert adapters and all(p.dtype == torch.float32 for p in adapters)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not p.requires_grad)
@@ -114,3 +134,43 @@ def test_saves_fewer_activation_bytes_than_peft(saved: dict) -> None:
     # orthotune keeps it in bf16 (2 bytes): 14 adapted layers, 12 reading 64 features and 2 (down_proj) 128.
     input_elements = 12 * ACTIVATION_NUMEL + 2 * (2 * ACTIVATION_NUMEL)
     assert theirs[True] - ours[True] >= (4 - 2) * input_elements
+
+
+@pytest.fixture(scope="module")
+def saved_hra() -> dict[str, activation_memory.SavedTensors]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return {
+                "orthotune": activation_memory.measure(
+                    activation_memory.orthotune_hra(activation_memory.tiny_llama()),
+                    activation_memory.is_orthotune_layer,
+                    BATCH,
+                    SEQ,
+                ),
+                "peft": activation_memory.measure(
+                    activation_memory.peft_hra(activation_memory.tiny_llama()),
+                    activation_memory.is_peft_layer,
+                    BATCH,
+                    SEQ,
+                ),
+            }
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_hra_saves_no_fp32_activation_and_fewer_bytes_than_peft(saved_hra: dict) -> None:
+    ours, theirs = saved_hra["orthotune"], saved_hra["peft"]
+    assert ours.largest(torch.bfloat16, adapter_only=True) >= ACTIVATION_NUMEL  # the layer input, kept in bf16
+    assert ours.largest(torch.float32, adapter_only=True) < ACTIVATION_NUMEL
+    assert theirs.largest(torch.float32, adapter_only=True) >= ACTIVATION_NUMEL  # peft upcasts x to fp32
+    ours_bytes = sum(ours.bytes_by_dtype(adapter_only=True).values())
+    theirs_bytes = sum(theirs.bytes_by_dtype(adapter_only=True).values())
+    # Each distinct layer input is kept once, in bf16. Per block: the normed hidden state (read by q, k and v),
+    # the attention output (o), the normed hidden state (gate and up), and down_proj's input, twice as wide.
+    # The rest (each layer's small Vᵀ and T) is small.
+    input_bytes = 2 * 2 * (3 * ACTIVATION_NUMEL + 2 * ACTIVATION_NUMEL)
+    assert input_bytes <= ours_bytes < 1.2 * input_bytes
+    assert ours_bytes < theirs_bytes

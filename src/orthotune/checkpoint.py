@@ -6,6 +6,7 @@ Keys are the model's state-dict keys under ``base_model.model.`` with the adapte
     base_model.model.model.embed_tokens.oft_embedding_R.weight         (r, b(b-1)/2)    OFT on an embedding
     base_model.model.bert.encoder.layer.0.attention.self.query.boft_R (m, N, b, b)     BOFT
     base_model.model.bert.encoder.layer.0.attention.self.query.boft_s (out, 1)         BOFT
+    base_model.model.model.layers.0.self_attn.q_proj.hra_u             (in, r)          HRA
     base_model.model.classifier.weight                                                  modules_to_save
 
 One convention differs and is mapped on the way in and out: peft's exact Cayley mode
@@ -243,6 +244,23 @@ def remap_keys(tensors: dict[str, torch.Tensor], key_mapping: Mapping[str, str] 
                 break
         renamed[f"{prefix}{rest}"] = tensor
     return renamed
+
+
+def adapted_module_names(file: AdapterFile) -> list[str]:
+    """The modules an adapter file adapts, by their name in the model (no ``base_model.model.``), in file order.
+
+    A key belongs to an adapted layer when one of its dotted parts starts with the method's ``prefix``
+    (``oft_``, ``boft_``, ``hra_``: peft's own rule for telling adapter tensors from saved base tensors); the
+    module is what comes before that part. The config says the prefix, so every registered method is read alike.
+    """
+    prefix = OFTConfig.prefix if file.legacy_oft is not None else file.config.prefix
+    names: dict[str, None] = {}
+    for key in file.tensors:
+        parts = (key[len(MODEL_PREFIX) :] if key.startswith(MODEL_PREFIX) else key).split(".")
+        position = next((index for index, part in enumerate(parts) if part.startswith(prefix)), None)
+        if position:
+            names.setdefault(".".join(parts[:position]), None)
+    return list(names)
 
 
 # ------------------------------------------------------------------------------------------ keys of a model

@@ -37,8 +37,8 @@ def add_weighted_adapter(
     bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)]
     if bad:
         raise ValueError(f"weights={weights!r}: {bad[0]!r} is not a finite number; pass e.g. [1.0, 0.5]")
-    for module_name, wrapper in model.modules_to_save_wrappers():
-        owners = [name for name in adapters if name in wrapper.modules_to_save]
+    for module_name, saved in model.modules_to_save_wrappers():
+        owners = [name for name in adapters if name in saved.modules_to_save]
         if len(owners) > 1:  # set_adapter(adapters) refuses these too (peft's rule): there is no model to equal
             raise ValueError(
                 f"add_weighted_adapter: adapters {owners} each have their own trained copy of the modules_to_save "

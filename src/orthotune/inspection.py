@@ -11,10 +11,19 @@ the Cayley-Neumann series as the config says):
 - for the Cayley-Neumann series, the bound ``‖Q‖₂ ≤ ‖packed‖₂`` and a flag where it reaches
   :data:`~orthotune.functional.NEUMANN_WARN_NORM` (the series diverges at 1).
 
+HRA has one ``d × d`` orthogonal matrix ``H`` per layer and no generator. Its angle and orthogonality error
+are ``H``'s own, computed exactly from the ``k × k`` matrix of ``H`` on the span of its vectors (``H`` is the
+identity elsewhere; :func:`~orthotune.functional.householder_on_span`), never from a dense ``H``. A product
+of ``r`` reflections has ``det H = (−1)^r``: with an odd ``r``, and with ``apply_GS`` (``H = I − 2QQᵀ`` is −1
+on all of ``span(Q)``), ``H`` has the eigenvalue −1 and the angle is 180° by construction. The generator
+column holds the largest ``‖u_i‖``: ``H`` does not depend on the scale of its vectors, but training does (a
+step turns ``u_i`` by about ``lr/‖u_i‖``), so this is the size of what the optimizer moves;
+``distance_from_identity`` (``‖H − I‖_F``) says how far ``H`` is from the identity.
+
 With the base weights, :func:`hyperspherical_energy` measures how a merge moved the neurons (the rows of
-``W`` in ``y = x Wᵀ``) relative to each other. A rotation of the inputs, ``W ↦ W Rᵀ``, turns every neuron by the
-same orthogonal ``R`` and BOFT's output scale only changes their lengths, so the energy is unchanged up to
-rounding: OFT's central claim, checked on the real weights.
+``W`` in ``y = x Wᵀ``) relative to each other. A rotation of the inputs, ``W ↦ W Rᵀ`` (``W H`` for HRA), turns
+every neuron by the same orthogonal matrix and BOFT's output scale only changes their lengths, so the energy is
+unchanged up to rounding: OFT's central claim, checked on the real weights.
 
 Single-file adapters (LyCORIS, …) are reported from their :class:`~orthotune.formats.LayerAdapter` s the same
 way, with the side they rotate, LyCORIS's constraint (``alpha``, and whether it binds) and the output scale.
@@ -32,7 +41,7 @@ from typing import Any
 import torch
 
 from orthotune.checkpoint import MODEL_PREFIX, OFT_ROTATION_SUFFIXES, AdapterFile
-from orthotune.config import AdapterConfig, BOFTConfig, OFTConfig
+from orthotune.config import AdapterConfig, BOFTConfig, HRAConfig, OFTConfig
 from orthotune.formats.layer_adapter import LayerAdapter
 from orthotune.functional import (
     NEUMANN_WARN_NORM,
@@ -40,6 +49,8 @@ from orthotune.functional import (
     boft_generators,
     cayley_exact,
     cayley_transform,
+    householder_on_span,
+    householder_wy,
     lycoris_radius,
     neumann_norm_bound,
     orthogonality_error,
@@ -79,6 +90,10 @@ class LayerReport:
     #: LyCORIS's ``alpha`` (0: none) and the factor it scales the generators by (1: the bound does not bind).
     constraint: float = 0.0
     constraint_scale: float = 1.0
+    #: HRA: the number ``r`` of Householder vectors, the smallest and largest ``‖u_i‖``, and ``‖H − I‖_F``.
+    reflections: int | None = None
+    vector_norm_range: tuple[float, float] | None = None
+    distance_from_identity: float | None = None
     #: Filled by :func:`hyperspherical_energy_change` when base weights are given.
     energy: dict[str, Any] | None = None
 
@@ -183,6 +198,29 @@ def boft_layer_report(name: str, squares: torch.Tensor, scale: torch.Tensor | No
     )
 
 
+def hra_layer_report(name: str, u: torch.Tensor, apply_gs: bool) -> LayerReport:
+    """Report on one HRA layer from its ``hra_u: (d, r)``, in float64."""
+    v, t = householder_wy(u.double(), apply_gs)
+    on_span = householder_on_span(v, t)
+    norms = torch.linalg.vector_norm(u.double(), dim=0)
+    eye = torch.eye(on_span.shape[0], dtype=on_span.dtype)
+    return LayerReport(
+        name=name,
+        method="HRA",
+        block_size=u.shape[0],
+        num_blocks=1,
+        butterfly_factors=1,
+        parameters=u.numel(),
+        max_generator_norm=float(norms.max()),
+        max_angle_degrees=max_rotation_angle(on_span),
+        orthogonality_error=float(orthogonality_error(on_span)),
+        cayley=f"{'gram-schmidt' if apply_gs else 'householder'} ×{u.shape[1]}",
+        reflections=u.shape[1],
+        vector_norm_range=(float(norms.min()), float(norms.max())),
+        distance_from_identity=float(torch.linalg.matrix_norm(on_span - eye)),
+    )
+
+
 def inspect_adapter(file: AdapterFile) -> AdapterReport:
     """Report on every adapted layer of an adapter file read by :func:`orthotune.checkpoint.read_adapter_files`.
 
@@ -207,10 +245,18 @@ def inspect_adapter(file: AdapterFile) -> AdapterReport:
             scale = file.tensors.get(f"{module}.boft_s")
             layers.append(boft_layer_report(_strip_prefix(module), file.tensors[key], scale))
             used.update({key, f"{module}.boft_s"})
+        elif isinstance(config, HRAConfig) and key.endswith(".hra_u"):
+            layers.append(hra_layer_report(_strip_prefix(key[: -len(".hra_u")]), file.tensors[key], config.apply_GS))
+            used.add(key)
     others = [tensor for key, tensor in file.tensors.items() if key not in used]
     notes = []
     if isinstance(config, OFTConfig) and config.block_share:
         notes.append("block_share: one stored block per layer, repeated along its width")
+    if isinstance(config, HRAConfig) and (config.apply_GS or config.r % 2):
+        why = "apply_GS makes H = I − 2QQᵀ, which is −1 on span(Q)" if config.apply_GS else f"r={config.r} is odd"
+        notes.append(f"HRA: {why}, so H has the eigenvalue −1 and its largest angle is 180° by construction")
+    if isinstance(config, HRAConfig):
+        notes.append("HRA: the generator column is the largest ‖u_i‖ (H does not depend on it; training does)")
     return AdapterReport(
         peft_type=config.peft_type,
         layers=layers,

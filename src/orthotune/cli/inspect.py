@@ -21,11 +21,15 @@ def add_parser(commands: Any) -> None:
             "count, butterfly factors, parameters, the largest generator norm ‖Q‖_F, the largest rotation angle "
             "(largest |arg λ| of any block's eigenvalues), the orthogonality error ‖RᵀR − I‖₂ of the rotation "
             "the layer applies (Cayley-Neumann when the config says so) and a warning where that series is near "
-            "divergence. With --base, also the relative change of each layer's hyperspherical energy between "
-            "the base and merged weights (about 0: the rotation acts on the inputs). A single .safetensors file "
-            "(LyCORIS diag-oft/boft, legacy oft_diag) is described from its tensors alone: its format, the side "
-            "it rotates, and per layer also LyCORIS's constraint (alpha; where it binds, the angles are after it) "
-            "and the output scale (rescale)."
+            "divergence. HRA layers are one block of the layer's width: the angle and ‖HᵀH − I‖₂ are those of "
+            "the product H of the layer's r reflections (180° by construction for an odd r or apply_GS, which "
+            "give H the eigenvalue −1), and the generator column holds the largest Householder vector norm "
+            "‖u_i‖ (H does not depend on it; the step size of training does). With --base, also the relative "
+            "change of each layer's hyperspherical energy between the base and merged weights (about 0: the "
+            "rotation acts on the inputs). A single .safetensors file (LyCORIS diag-oft/boft, legacy oft_diag, "
+            "kohya, OneTrainer) is described from its tensors alone: its format, the side it rotates, and per "
+            "layer also LyCORIS's constraint (alpha; where it binds, the angles are after it) and the output "
+            "scale (rescale)."
         ),
         formatter_class=HelpFormatter,
     )
@@ -120,7 +124,9 @@ def _inspection_plot(report: Any, path: str) -> str:
 
 
 def _print_inspection(adapter: Path, report: Any, with_energy: bool) -> None:
-    columns = ["layer", "method", "block", "blocks", "m", "params", "max‖Q‖F", "angle°", "‖RᵀR−I‖₂", "cayley"]
+    # HRA has no generator: its column is the largest Householder vector norm (see the command's help).
+    generator, generator_total = ("max‖u_i‖", "max ‖u_i‖") if report.peft_type == "HRA" else ("max‖Q‖F", "max ‖Q‖_F")
+    columns = ["layer", "method", "block", "blocks", "m", "params", generator, "angle°", "‖RᵀR−I‖₂", "built by"]
     single_file = report.format != "peft"
     if single_file:
         columns[2:2] = ["side"]
@@ -169,7 +175,7 @@ def _print_inspection(adapter: Path, report: Any, with_energy: bool) -> None:
             if total["other_tensors"]
             else ""
         )
-        + f"; max ‖Q‖_F {total['max_generator_norm']:.3g}, max angle {total['max_angle_degrees']:.3g}°, "
+        + f"; {generator_total} {total['max_generator_norm']:.3g}, max angle {total['max_angle_degrees']:.3g}°, "
         f"max ‖RᵀR−I‖₂ {total['orthogonality_error']:.2g}"
         + (
             f", max |ΔHE| {total['max_abs_relative_energy_change']:.2g} (relative)"

@@ -56,17 +56,6 @@ def import_transformers() -> Any:
     return transformers
 
 
-def adapted_module_names(file: Any) -> list[str]:
-    from orthotune.checkpoint import MODEL_PREFIX
-
-    suffixes = (".oft_R.weight", ".oft_embedding_R.weight", ".boft_R", ".oft_r")  # .oft_r: old peft OFT
-    return [
-        key[len(MODEL_PREFIX) :].rsplit(".", 2 if key.endswith(".weight") else 1)[0]
-        for key in file.tensors
-        if key.endswith(suffixes)
-    ]
-
-
 def base_model_class(transformers: Any, file: Any, base: Path, adapter: Path) -> tuple[Any, dict[str, Any]]:
     """The transformers class to load ``base`` with, and extra ``from_pretrained`` arguments."""
     config = file.config
@@ -87,6 +76,8 @@ def base_model_class(transformers: Any, file: Any, base: Path, adapter: Path) ->
         architectures = []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     prefix = getattr(model_class, "base_model_prefix", "")
+    from orthotune.checkpoint import adapted_module_names
+
     names = adapted_module_names(file)
     # A head class (BertForSequenceClassification) holds the encoder under its prefix ("bert."); an adapter
     # trained on the bare encoder has names without it and needs AutoModel.

@@ -33,7 +33,7 @@ def add_parser(commands: Any) -> None:
         "merge",
         help="merge an adapter into its base model and save the plain model",
         description=(
-            "Load a local transformers model, load the OFT/BOFT adapter onto it, merge the rotations into the "
+            "Load a local transformers model, load the OFT/BOFT/HRA adapter onto it, merge the rotations into the "
             "weights and save the plain model (with the base directory's tokenizer files) to --output. The saved "
             "model gives the adapted model's outputs with no adapter code. The model class comes from the "
             "adapter's task_type, else its auto_mapping, else the base model's architecture when the adapter's "

@@ -38,6 +38,7 @@ __all__ = [
     "householder_compose",
     "householder_dense",
     "householder_gram_schmidt",
+    "householder_on_span",
     "householder_rotate_activations",
     "householder_rotate_weight",
     "householder_unit_vectors",
@@ -217,6 +218,27 @@ def householder_unrotate_weight(weight: torch.Tensor, v: torch.Tensor, t: torch.
     orthonormal ``Q``), so the transpose undoes a merge up to the rounding of the merge itself.
     """
     return _low_rank_update(weight, v, t.t())
+
+
+def householder_on_span(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``H = I − V T Vᵀ`` restricted to ``span(V)``: the small matrix ``B = Pᵀ H P`` in an orthonormal basis ``P``.
+
+    ``H`` maps ``span(V)`` into itself and is the identity on its orthogonal complement, so everything
+    inspection asks of the ``d × d`` matrix is in ``B``: its eigenvalues are ``B``'s and ``d − k`` ones,
+    ``‖HᵀH − I‖₂ = ‖BᵀB − I‖₂`` and ``‖H − I‖_F = ‖B − I‖_F``. With ``V = P R`` (reduced QR),
+    ``B = I − R T Rᵀ``: ``d·k²`` work instead of the ``d³`` of an eigendecomposition of ``H``. A rank-deficient
+    ``V`` (HRA's identity initialisation pairs equal vectors) is fine: ``span(P)`` then also holds directions
+    orthogonal to ``span(V)``, on which ``B`` is the identity, as ``H`` is.
+
+    Args:
+        v: ``(d, k)``.
+        t: ``(k, k)``.
+
+    Returns:
+        ``B: (m, m)`` with ``m = min(d, k)``, in the dtype of ``v``.
+    """
+    r = torch.linalg.qr(v, mode="r").R  # (m, k)
+    return torch.eye(r.shape[0], dtype=v.dtype, device=v.device) - r @ t @ r.t()
 
 
 def householder_dense(u: torch.Tensor, apply_gs: bool = False) -> torch.Tensor:
