@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
-.venv/bin/pip install -q -e ".[test,quant,diffusers,deepspeed]"
+.venv/bin/pip install -q -e ".[test,quant,diffusers,deepspeed,plot]"
 # Style and types first (seconds), then the tests.
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
