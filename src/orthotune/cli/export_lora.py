@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from orthotune.cli.common import HelpFormatter, UsageError, check_output, first_line, positive_int, write_output
-from orthotune.cli.loading import adapter_file, base_dir, load_adapted_model
+from orthotune.cli.common import HelpFormatter, UsageError, first_line, positive_int, write_output
+from orthotune.cli.loading import adapted_model_for_output
 
 
 def _relative_error(text: str) -> float:
@@ -58,14 +58,7 @@ def add_parser(commands: Any) -> None:
 def run_export_lora(args: argparse.Namespace) -> int:
     from orthotune.lora_export import export_lora
 
-    adapter = Path(args.adapter)
-    output = Path(args.output)
-    file = adapter_file(args.adapter)
-    base = base_dir(args.base)
-    check_output(output, args.overwrite)
-    if output.resolve() in (adapter.resolve(), base.resolve()):
-        raise UsageError(f"--output {output} is the adapter or base directory; choose another --output")
-    wrapped = load_adapted_model(adapter, file, base)
+    adapter, _, output, _, wrapped = adapted_model_for_output(args)
     reports = []
 
     def write(directory: Path) -> None:

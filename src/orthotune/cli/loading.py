@@ -141,3 +141,22 @@ def load_base_model(base: Path) -> Any:
         raise
     except Exception as error:  # the libraries raise OSError, ValueError, KeyError, … for a bad directory
         raise UsageError(f"--base {base} cannot be loaded ({first_line(error)})") from error
+
+
+def adapted_model_for_output(args: Any) -> tuple[Path, Path, Path, Any, Any]:
+    """What ``merge`` and ``export-lora`` share: ``ADAPTER``, ``--base`` and ``--output`` checked before any work
+    (the output neither exists without ``--overwrite`` nor is one of the inputs), then the adapted model.
+
+    Returns:
+        ``(adapter, base, output, file, model)``: the paths, the checked adapter file and the
+        :class:`~orthotune.OrthoModel` with the adapter loaded.
+    """
+    from orthotune.cli.common import check_output
+
+    adapter, output = Path(args.adapter), Path(args.output)
+    file = adapter_file(args.adapter)
+    base = base_dir(args.base)
+    check_output(output, args.overwrite)
+    if output.resolve() in (adapter.resolve(), base.resolve()):
+        raise UsageError(f"--output {output} is the adapter or base directory; choose another --output")
+    return adapter, base, output, file, load_adapted_model(adapter, file, base)

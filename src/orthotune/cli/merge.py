@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from orthotune.cli.common import HelpFormatter, UsageError, check_output, first_line, write_output
-from orthotune.cli.loading import adapter_file, base_dir, load_adapted_model
+from orthotune.cli.common import HelpFormatter, UsageError, first_line, write_output
+from orthotune.cli.loading import adapted_model_for_output
 
 #: Files of a tokenizer (and processor) that ``merge`` copies from the base directory when present.
 _TOKENIZER_FILES = (
@@ -49,14 +49,7 @@ def add_parser(commands: Any) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    adapter = Path(args.adapter)
-    output = Path(args.output)
-    file = adapter_file(args.adapter)
-    base = base_dir(args.base)
-    check_output(output, args.overwrite)
-    if output.resolve() in (adapter.resolve(), base.resolve()):
-        raise UsageError(f"--output {output} is the adapter or base directory; choose another --output")
-    wrapped = load_adapted_model(adapter, file, base)
+    adapter, base, output, file, wrapped = adapted_model_for_output(args)
     layers = sum(1 for _ in wrapped.adapter_layers())
     try:
         merged = wrapped.merge_and_unload()
