@@ -11,6 +11,7 @@ active order, gives exactly the model that forward computes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,7 @@ from orthotune.base_layer import (
     write_weight_matrix,
 )
 from orthotune.quantized import quantized_backend
+from orthotune.rotation_cache import RotationCache
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +75,43 @@ def split_batch_by_adapter(adapter_names: Sequence[str], batch: int) -> list[tup
     return [(name, per_sample[samples].reshape(-1)) for name, samples in groups.items()]
 
 
+@functools.lru_cache(maxsize=64)
+def _batch_plan(
+    adapter_names: tuple[str, ...], batch: int, device: torch.device
+) -> tuple[tuple[str, slice | torch.Tensor | None], ...]:
+    """:func:`split_batch_by_adapter` with each group's rows as a slice where they are consecutive, else as an
+    index tensor on ``device``; kept, since every adapted layer of a model asks for the same plan per call."""
+    plan: list[tuple[str, slice | torch.Tensor | None]] = []
+    for name, rows in split_batch_by_adapter(adapter_names, batch):
+        if rows is not None and bool((rows.diff() == 1).all()):
+            plan.append((name, slice(int(rows[0]), int(rows[-1]) + 1)))
+        else:
+            plan.append((name, None if rows is None else rows.to(device)))
+    return tuple(plan)
+
+
 def forward_per_adapter(
     x: torch.Tensor, adapter_names: Sequence[str], run: Callable[[str, torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """``run(name, rows of x)`` for each group of :func:`split_batch_by_adapter`, reassembled in batch order."""
-    outputs, order = [], []
-    for name, rows in split_batch_by_adapter(adapter_names, x.shape[0]):
-        if rows is None:
-            return run(name, x)
-        rows = rows.to(x.device)
-        outputs.append(run(name, x.index_select(0, rows)))
-        order.append(rows)
-    return torch.cat(outputs).index_select(0, torch.argsort(torch.cat(order)))
+    """``run(name, rows of x)`` for each group of :func:`split_batch_by_adapter`, reassembled in batch order.
+
+    Each group reads its rows as a view where they are consecutive (else one gather), and each result is
+    written once into its rows of the output.
+    """
+    plan = _batch_plan(tuple(adapter_names), x.shape[0], x.device)
+    if plan[0][1] is None:
+        return run(plan[0][0], x)
+    out: torch.Tensor | None = None
+    for name, rows in plan:
+        result = run(name, x[rows] if isinstance(rows, slice) else x.index_select(0, rows))
+        if out is None:
+            out = result.new_empty((x.shape[0], *result.shape[1:]))
+        if isinstance(rows, slice):
+            out[rows] = result
+        else:
+            out.index_copy_(0, rows, result)
+    assert out is not None
+    return out
 
 
 class ActiveAdapters:
@@ -130,6 +157,7 @@ class AdapterLayer(ActiveAdapters, nn.Module):
         self.merged_adapters: list[str] = []
         # For a quantized base layer, the packed weight as it was before each merge (see unmerge).
         self._storage_before_merge: list[dict[str, Any]] = []
+        self._rotation_cache = RotationCache()
 
     # ----------------------------------------------------------------------------------------- adapters
     def get_base_layer(self) -> nn.Module:
@@ -182,6 +210,7 @@ class AdapterLayer(ActiveAdapters, nn.Module):
             if adapter_name in holder:  # nn.ModuleDict.pop takes no default
                 del holder[adapter_name]
         self._active_adapters = [name for name in self._active_adapters if name != adapter_name]
+        self._rotation_cache.clear(adapter_name)
         if not self._active_adapters and self.adapter_names:
             self.set_adapter(self.adapter_names[0])
 
@@ -223,16 +252,42 @@ class AdapterLayer(ActiveAdapters, nn.Module):
                 f"adapter_names cannot be used while adapters {self.merged_adapters} are merged; unmerge them first"
             )
 
+        adapted = set(self.adapter_names)
+        if self._adapters_only_rotate_input:
+            # Rotate each group's rows, then run the base layer once over the whole batch.
+            def rotate(name: str, rows: torch.Tensor) -> torch.Tensor:
+                return self._rotated_input(rows, [name], row_major=True) if name in adapted else rows
+
+            return self._base_forward_on_rotated(forward_per_adapter(x, adapter_names, rotate), *args, **kwargs)
+
         def run(name: str, rows: torch.Tensor) -> torch.Tensor:
             # "__base__", and an adapter of the model that does not adapt this layer, leave it the base layer.
-            if name in self.adapter_names:
+            if name in adapted:
                 return self._adapted_forward(rows, [name], *args, **kwargs)
             return self.base_layer(rows, *args, **kwargs)
 
         return forward_per_adapter(x, adapter_names, run)
 
+    #: Whether ``_adapted_forward(x)`` is ``base_layer(_rotated_input(x))``: then a mixed batch runs the base
+    #: layer once, on rows rotated each by its own adapter.
+    _adapters_only_rotate_input: bool = False
+
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError
+
+    def _rotated_input(self, x: torch.Tensor, active: list[str], row_major: bool | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _cached_rotation(
+        self, adapter_name: str, build: Callable[[], torch.Tensor], sources: Sequence[torch.Tensor], settings: Any = ()
+    ) -> torch.Tensor:
+        """``build()``, kept and reused while no gradient is wanted and neither ``sources`` (the adapter's
+        tensors), ``settings`` nor the layer's train/eval mode change (see :mod:`orthotune.rotation_cache`)."""
+        return self._rotation_cache.get(adapter_name, build, sources, (self.training, settings))
+
+    def clear_rotation_cache(self) -> None:
+        """Forget kept rotations; needed only after writing adapter tensors through ``.data``."""
+        self._rotation_cache.clear()
 
     def _base_forward_on_rotated(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer on rotated activations, which may be column-major (see ``rotate_activations``)."""

@@ -35,6 +35,7 @@ from orthotune.functional import (
     butterfly_rotate_activations,
     butterfly_rotate_weight,
     cayley_exact,
+    rotation_compute_dtype,
 )
 from orthotune.oft import MultiplicativeDropoutLayer, _check_dropout, _checked_fan_in_fan_out
 
@@ -177,7 +178,10 @@ class BOFTLayer(AdapterLayer):
         return cayley_exact(boft_generators(self.boft_R[adapter_name].float()))
 
     def _forward_blocks(self, adapter_name: str) -> torch.Tensor:
-        return self.boft_dropout[adapter_name](self.rotation_blocks(adapter_name))
+        blocks = self._cached_rotation(
+            adapter_name, lambda: self.rotation_blocks(adapter_name), (self.boft_R[adapter_name],)
+        )
+        return self.boft_dropout[adapter_name](blocks)
 
     def _permutation_index(self, adapter_name: str) -> torch.Tensor:
         return self.boft_permutations[adapter_name].index
@@ -247,9 +251,11 @@ class Linear(_BOFTConstructor):
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         scale: torch.Tensor | None = None
+        compute_dtype = rotation_compute_dtype(x.device, x.dtype)
         for name in reversed(active):  # the first active adapter sits next to the base layer
-            blocks = self._forward_blocks(name).to(x.dtype)
-            x = butterfly_rotate_activations(x, blocks, self._permutation_index(name), row_major=False)
+            blocks = self._forward_blocks(name).to(compute_dtype)
+            row_major = None if self._base_reads_any_layout else True
+            x = butterfly_rotate_activations(x, blocks, self._permutation_index(name), row_major=row_major)
             adapter_scale = self.boft_s[name].squeeze(-1)
             scale = adapter_scale if scale is None else scale * adapter_scale
         result = self._base_forward_on_rotated(x, *args, **kwargs)
@@ -279,7 +285,7 @@ class Conv2d(_BOFTConstructor):
         base = self.base_layer
         weight = weight_matrix(base, self.kind)
         for name in active:  # merge order: the first active adapter is applied to W first
-            blocks = self._forward_blocks(name).to(weight.dtype)
+            blocks = self._forward_blocks(name).to(rotation_compute_dtype(weight.device, weight.dtype))
             weight = butterfly_rotate_weight(weight, blocks, self._permutation_index(name))
             weight = weight * self._output_scale(name).to(weight.dtype)
         return base._conv_forward(x, weight.reshape(base.weight.shape), base.bias)

@@ -34,6 +34,7 @@ from orthotune.functional import (
     project_coft,
     rotate_activations,
     rotate_weight,
+    rotation_compute_dtype,
     skew_from_packed,
     unrotate_weight,
 )
@@ -293,7 +294,8 @@ class OFTLayer(AdapterLayer):
     def _rotation_blocks(self, adapter_name: str) -> torch.Tensor:
         """fp32 blocks as forward uses them: dropout applied in training, shared blocks repeated only then."""
         rotation = self.oft_R[adapter_name]
-        blocks = rotation.rotation_blocks()
+        settings = (rotation.coft, rotation.eps, rotation.use_cayley_neumann, rotation.num_cayley_neumann_terms)
+        blocks = self._cached_rotation(adapter_name, rotation.rotation_blocks, (rotation.weight,), settings)
         dropout = self.oft_dropout[adapter_name]
         if dropout.training and dropout.p > 0:
             blocks = dropout(blocks.expand(rotation.num_blocks, -1, -1))
@@ -378,10 +380,22 @@ class Linear(_OFTConstructor):
         ``x: (..., in_features)`` → ``(..., out_features)``, in the dtype of ``x``.
     """
 
-    def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+    _adapters_only_rotate_input = True
+
+    def _rotated_input(self, x: torch.Tensor, active: list[str], row_major: bool | None = None) -> torch.Tensor:
+        """``x R_{last} ⋯ R_{first}``: what the base layer reads (row-major where it must be, see
+        ``rotate_activations`` for the layout ``None`` picks)."""
+        compute_dtype = rotation_compute_dtype(x.device, x.dtype)
+        row_major = row_major if self._base_reads_any_layout else True
         for name in reversed(active):  # the first active adapter sits next to the base layer
-            x = rotate_activations(x, self._rotation_blocks(name).to(x.dtype), row_major=False)
-        return self._base_forward_on_rotated(x, *args, **kwargs)
+            blocks = self._rotation_blocks(name)
+            if blocks.dtype != compute_dtype:
+                blocks = blocks.to(compute_dtype)
+            x = rotate_activations(x, blocks, row_major=row_major)
+        return x
+
+    def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._base_forward_on_rotated(self._rotated_input(x, active), *args, **kwargs)
 
 
 class Conv2d(_OFTConstructor):
@@ -400,7 +414,8 @@ class Conv2d(_OFTConstructor):
         base = self.base_layer
         weight = weight_matrix(base, self.kind)
         for name in active:  # merge order: the first active adapter is applied to W first
-            weight = rotate_weight(weight, self._rotation_blocks(name).to(weight.dtype))
+            blocks = self._rotation_blocks(name).to(rotation_compute_dtype(weight.device, weight.dtype))
+            weight = rotate_weight(weight, blocks)
         return base._conv_forward(x, weight.reshape(base.weight.shape), base.bias)
 
 
@@ -420,5 +435,6 @@ class Embedding(_OFTConstructor):
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in active:  # the first active adapter sits next to the base layer
-            result = rotate_activations(result, self._rotation_blocks(name).to(result.dtype))
+            blocks = self._rotation_blocks(name).to(rotation_compute_dtype(result.device, result.dtype))
+            result = rotate_activations(result, blocks)
         return result

@@ -6,6 +6,7 @@
 - :mod:`~orthotune.functional.rotate`: block-diagonal rotations of activations and of weights.
 - :mod:`~orthotune.functional.butterfly`: BOFT's butterfly permutations and products.
 - :mod:`~orthotune.functional.dropout`: multiplicative (block-to-identity) dropout.
+- :mod:`~orthotune.functional.precision`: the dtype a rotation is applied in, and the layout, per device.
 """
 
 from orthotune.functional.butterfly import (
@@ -25,6 +26,7 @@ from orthotune.functional.cayley import (
 )
 from orthotune.functional.coft import coft_radius, project_coft, project_to_ball
 from orthotune.functional.dropout import drop_blocks_to_identity, drop_factor_blocks_to_identity
+from orthotune.functional.precision import multiplies_natively, rotation_compute_dtype
 from orthotune.functional.rotate import block_diagonal, rotate_activations, rotate_weight, unrotate_weight
 from orthotune.functional.skew import (
     block_size_from_packed,
@@ -51,6 +53,7 @@ __all__ = [
     "coft_radius",
     "drop_blocks_to_identity",
     "drop_factor_blocks_to_identity",
+    "multiplies_natively",
     "neumann_norm_bound",
     "orthogonality_error",
     "packed_from_skew",
@@ -58,6 +61,7 @@ __all__ = [
     "project_coft",
     "project_to_ball",
     "rotate_activations",
+    "rotation_compute_dtype",
     "rotate_weight",
     "skew_from_packed",
     "skew_part",

@@ -1,0 +1,101 @@
+"""Which dtype a rotation is applied in, and which layout the base layer should read, per device.
+
+Adapter parameters and the rotation blocks built from them are fp32. Applying them to half-precision
+activations can go two ways:
+
+* **in the activation dtype** (bf16 blocks times bf16 activations): right where the hardware multiplies bf16
+  natively (CUDA from Ampere on, CPUs with AVX512-BF16 or AMX). Nothing fp32 of activation size is made or
+  kept for backward.
+* **in fp32** (upcast the activations, multiply, round the result back): right where bf16 matmuls are
+  emulated. On an AVX2-only CPU torch's bf16 batched matmul for a ``d = 1024`` rotation is several times
+  slower than the upcast, the fp32 product and the cast back together (BENCHMARKS.md). The product still keeps
+  only the bf16 input for backward and upcasts it again there, so the memory saving stays.
+
+The layout the rotated activations are handed to the base layer in is chosen by
+:func:`~orthotune.functional.rotate_activations` (``row_major=None``), from whether a gradient flows.
+
+The choice can be forced with the environment variable ``ORTHOTUNE_ROTATION_DTYPE``: ``auto`` (default, by
+hardware), ``float32`` (always upcast half precision) or ``input`` (always the activation dtype).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+#: Environment variable that overrides :func:`rotation_compute_dtype`; see the module docstring.
+ROTATION_DTYPE_ENV = "ORTHOTUNE_ROTATION_DTYPE"
+_CHOICES = ("auto", "float32", "input")
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _override() -> str:
+    choice = os.environ.get(ROTATION_DTYPE_ENV, "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"{ROTATION_DTYPE_ENV}={choice!r} is not one of {_CHOICES}; unset it to choose by hardware")
+    return choice
+
+
+@functools.cache
+def _cpu_multiplies_natively(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU matmul for ``dtype`` runs on native instructions (oneDNN's bf16/fp16 kernels)."""
+    probe = {
+        torch.bfloat16: "_is_mkldnn_bf16_supported",
+        torch.float16: "_is_mkldnn_fp16_supported",
+    }[dtype]
+    try:
+        return torch.backends.mkldnn.is_available() and bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):  # an older torch without the probe: ask the CPU flags instead
+        capability = torch.backends.cpu.get_cpu_capability()
+        return dtype is torch.bfloat16 and capability.startswith("AVX512") and torch.cpu._is_avx512_bf16_supported()
+
+
+@functools.cache
+def _cuda_multiplies_natively(dtype: torch.dtype, index: int | None) -> bool:
+    if dtype is torch.float16:
+        return True
+    try:
+        with torch.cuda.device(index):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3 has no including_emulation and reports native support only
+        with torch.cuda.device(index):
+            return torch.cuda.is_bf16_supported()
+
+
+def multiplies_natively(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether matmuls in ``dtype`` run natively on ``device`` (always true for fp32 and fp64).
+
+    Cached per ``(device, dtype)``; devices other than CPU and CUDA are assumed native.
+    """
+    if dtype not in _HALF:
+        return True
+    device = torch.device(device)
+    if device.type == "cpu":
+        return _cpu_multiplies_natively(dtype)
+    if device.type == "cuda":
+        return _cuda_multiplies_natively(dtype, device.index)
+    return True
+
+
+def rotation_compute_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype to multiply activations of ``dtype`` on ``device`` by their rotation blocks in.
+
+    ``dtype`` itself where the device multiplies it natively (and for fp32/fp64), ``torch.float32`` for
+    half precision where it does not. ``ORTHOTUNE_ROTATION_DTYPE`` overrides the choice.
+
+    Args:
+        device: where the activations live.
+        dtype: the activations' dtype.
+
+    Returns:
+        ``dtype`` or ``torch.float32``; blocks cast to it go straight to
+        :func:`~orthotune.functional.rotate_activations`, which returns activations in ``dtype``.
+    """
+    if dtype not in _HALF:
+        return dtype
+    choice = _override()
+    if choice == "float32" or (choice == "auto" and not multiplies_natively(device, dtype)):
+        return torch.float32
+    return dtype
