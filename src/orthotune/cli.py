@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from orthotune import __version__
+from orthotune.cli_threads import apply_cpu_thread_policy
 
 #: Exit status for input the user must fix (argparse uses the same).
 EXIT_USAGE = 2
@@ -212,7 +213,7 @@ def _add_finetune_parser(commands: Any) -> None:
         "--threads",
         type=_positive_int,
         metavar="N",
-        help="CPU threads for torch (default: torch's choice, one per core); 1 is faster on a busy machine",
+        help="CPU threads for torch (default: the cores other processes leave free, at least 1)",
     )
 
     output = parser.add_argument_group("output")
@@ -454,6 +455,7 @@ def _publish_permissions(directory: Path) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    apply_cpu_thread_policy(args.threads)
     from orthotune.data import train_test_split
 
     started = time.perf_counter()
