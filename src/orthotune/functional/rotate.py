@@ -46,8 +46,6 @@ def _block_product(x: torch.Tensor, blocks: torch.Tensor, row_major: bool) -> to
     """
     rows, width = x.shape
     num_blocks = blocks.shape[0]
-    if row_major and rows == 1:  # one token: the fewest kernels (generation calls this per token and layer)
-        return torch.bmm(x.to(blocks.dtype).reshape(num_blocks, 1, -1), blocks).view(1, width).to(x.dtype)
     work = _block_view(x.to(blocks.dtype), num_blocks)
     if row_major:
         out = work.new_empty(rows, num_blocks, width // num_blocks)
@@ -106,6 +104,17 @@ class _BlockDiagonalProduct(torch.autograd.Function):
         return grad_x, grad_blocks, None
 
 
+def _one_row_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x R`` for one row of features (any leading shape of size 1), no autograd, untiled.
+
+    Token-by-token generation calls this once per token and adapted layer: the fewest kernels win there, and a
+    one-row product gains nothing from tiling narrow blocks.
+    """
+    work = x if x.dtype == blocks.dtype else x.to(blocks.dtype)
+    out = torch.bmm(work.reshape(blocks.shape[0], 1, -1), blocks).view(x.shape)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 def _block_view(x: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """``(m, D·b) → (D, m, b)``, a view where ``x`` allows: block index first, as ``bmm`` wants its batch."""
     return x.reshape(x.shape[0], num_blocks, -1).transpose(0, 1)
@@ -142,12 +151,14 @@ def rotate_activations(x: torch.Tensor, blocks: torch.Tensor, row_major: bool | 
             f"x has {x.shape[-1]} features but the rotation has {num_blocks} blocks of {block_size}; "
             "the last dimension of x must be num_blocks * block_size"
         )
-    if block_size < TILE_WIDTH:
-        blocks = tile_blocks(blocks)
-    rows = x.reshape(-1, x.shape[-1])
     gradient_flows = torch.is_grad_enabled() and (x.requires_grad or blocks.requires_grad)
     if row_major is None:
         row_major = not gradient_flows
+    if row_major and not gradient_flows and x.numel() == x.shape[-1]:
+        return _one_row_product(x, blocks)
+    if block_size < TILE_WIDTH:
+        blocks = tile_blocks(blocks)
+    rows = x.reshape(-1, x.shape[-1])
     if gradient_flows:
         rotated = _BlockDiagonalProduct.apply(rows, blocks, row_major)
     else:  # inference: the autograd.Function's own overhead is most of the cost of a one-token call
