@@ -4,8 +4,12 @@ The earlier commit's ``src/orthotune`` is exported with ``git archive`` into a t
 ``orthotune_before`` (its imports rewritten), so both versions live side by side. For every selected variant a
 group of frozen ``nn.Linear`` (the reference), ``before``, ``after`` and, with ``--peft``, peft's layer is timed
 back to back in rotating order (``_timing.time_group``); the table gives medians of per-repetition ratios with
-their 25th-75th percentiles, the training step (``layer(x).sum().backward()``) and the no-grad forward in
-``eval()`` mode, as ``layer_step.py`` measures them.
+their 25th-75th percentiles, for the training step and the no-grad forward in ``eval()`` mode.
+
+The training step is ``layer(x).backward(g)`` with a fixed random upstream gradient ``g`` (``--upstream random``,
+the default), or ``layer(x).sum().backward()`` as ``layer_step.py`` does (``--upstream sum``). The two differ
+where it matters: ``sum()`` hands the base layer an all-ones *expanded* gradient, which torch's GEMM copies into
+a layout of its own choosing, and on an AVX2 CPU the emulated bf16 GEMM's speed depends ~10× on layout.
 
 Reproduce::
 
@@ -82,12 +86,29 @@ def all_specs() -> dict[str, layer_step.AdapterSpec]:
     return {spec.label: spec for spec in specs}
 
 
+def make_step(layer: nn.Module, x: torch.Tensor, upstream: torch.Tensor | None) -> Callable[[], None]:
+    """A training step: ``layer(x).backward(upstream)``, or ``layer(x).sum().backward()`` without ``upstream``."""
+    if upstream is None:
+        return layer_step.make_step(layer, x)
+    params = layer_step.trainable_parameters(layer)
+
+    def step() -> None:
+        x.grad = None
+        for p in params:
+            p.grad = None
+        layer(x).backward(upstream)
+
+    return step
+
+
 def compare(
-    spec: layer_step.AdapterSpec, d: int, n: int, dtype: torch.dtype, budget: Budget, with_peft: bool
-) -> list[list[str]]:
+    spec: layer_step.AdapterSpec, d: int, n: int, dtype: torch.dtype, budget: Budget, with_peft: bool,
+    upstream: str = "random",
+) -> list[list[str]]:  # fmt: skip
     torch.manual_seed(0)
     frozen = layer_step.make_frozen_linear(d, dtype)
     x = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    gradient = torch.randn(n, d, dtype=dtype) if upstream == "random" else None
     layers: dict[str, nn.Module] = {
         "before": build(BEFORE_PACKAGE, spec, copy.deepcopy(frozen)),
         "after": build("orthotune", spec, copy.deepcopy(frozen)),
@@ -101,7 +122,11 @@ def compare(
         layers["peft"].load_state_dict(layers["after"].state_dict(), strict=False)
     dtype_name = next(name for name, value in layer_step.DTYPES.items() if value == dtype)
     rows = []
-    for op, make in (("step", layer_step.make_step), ("infer", layer_step.make_infer)):
+
+    def step_maker(layer: nn.Module, source: torch.Tensor) -> Callable[[], None]:
+        return make_step(layer, source, gradient)
+
+    for op, make in (("step", step_maker), ("infer", layer_step.make_infer)):
         for layer in (frozen, *layers.values()):
             layer.train(op == "step")
         source = x if op == "step" else x.detach()
@@ -132,6 +157,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--dtype", choices=sorted(layer_step.DTYPES), default="fp32")
     parser.add_argument("--peft", action="store_true", help="time peft's layer in the same groups")
+    parser.add_argument("--upstream", choices=("random", "sum"), default="random",
+                        help="upstream gradient of the step: a fixed random tensor, or that of .sum()")  # fmt: skip
     parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
@@ -166,10 +193,11 @@ def main(argv: Sequence[str] | None = None) -> list[list[str]]:
     with tempfile.TemporaryDirectory() as directory:
         commit = load_revision(args.before, Path(directory))
         print(f"# {environment_line()} | before = src at {commit} | cpu capability "
-              f"{torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+              f"{torch.backends.cpu.get_cpu_capability()} | upstream gradient: {args.upstream}")  # fmt: skip
         rows = []
         for label in args.only:
-            rows += compare(specs[label], args.d, args.n, layer_step.DTYPES[args.dtype], budget, args.peft)
+            rows += compare(specs[label], args.d, args.n, layer_step.DTYPES[args.dtype], budget, args.peft,
+                            args.upstream)  # fmt: skip
     print(render_markdown(HEADERS, rows))
     return rows
 

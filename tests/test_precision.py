@@ -154,6 +154,17 @@ def test_layout_follows_whether_a_gradient_flows() -> None:
         assert rel_err(out, x.double() @ dense_block_diag(blocks.double())) <= 1e-5
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_half_precision_training_layout_follows_the_hardware(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where bf16 matmuls are emulated the base layer's GEMM is far slower on column-major input: row-major."""
+    monkeypatch.setattr(precision, "_cpu_multiplies_natively", lambda _: native)
+    x = torch.randn(6, 64).to(torch.bfloat16)
+    blocks = torch.randn(2, 32, 32, requires_grad=True)
+    out = rotate_activations(x, blocks.to(rotation_compute_dtype("cpu", torch.bfloat16)), row_major=None)
+    assert out.is_contiguous() is not native
+    assert rel_err(out, x.double() @ dense_block_diag(blocks.detach().double())) <= 2e-2  # bf16 blocks if native
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_one_row_path_equals_the_dense_product(grad: bool) -> None:
     """A single token (generation) takes a shorter path without gradients; both must be the same product."""

@@ -76,7 +76,7 @@ class RotationCache:
         if entry is not None and entry[1] == key:
             fingerprints = entry[0]
             if len(fingerprints) == len(sources):
-                for fingerprint, source in zip(fingerprints, sources):
+                for fingerprint, source in zip(fingerprints, sources, strict=True):
                     if not _still(fingerprint, source):
                         break
                 else:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from orthotune.functional.precision import multiplies_natively
+
 #: Blocks narrower than this are multiplied as block-diagonal tiles of about this width: a batched matmul of
 #: many tiny (say 8 × 8) matrices runs at a fraction of the speed of fewer 32 × 32 ones, and the extra zeros
 #: cost far less than they save.
@@ -129,12 +131,12 @@ def rotate_activations(x: torch.Tensor, blocks: torch.Tensor, row_major: bool | 
             a wider one to multiply in (see :func:`~orthotune.functional.precision.rotation_compute_dtype`).
         row_major: ``True`` gives a contiguous result, ``False`` a column-major one (with more than one block,
             see ``_block_product``), which a matmul reads as it is; neither makes a copy. ``None`` picks for
-            a matmul that follows: column-major when a gradient flows back through the result, row-major when
-            none does. In training the two are equally fast natively, and where bf16 matmuls are emulated (an
-            AVX2 CPU) torch's input-gradient GEMM of a column-major input ran ~20× faster than of a row-major
-            one at d = 1024; without a gradient the row-major product is the faster one for the few rows of
-            token-by-token generation (~2× at one row), and the emulated bf16 forward GEMM ran ~10× faster on
-            row-major input (BENCHMARKS.md).
+            a matmul that follows: column-major when a gradient flows back through the result and the device
+            multiplies ``x``'s dtype natively (the transposed product reads the gradient the base layer hands
+            back fastest), row-major otherwise: without a gradient the row-major product is the faster one for
+            the few rows of token-by-token generation (~2× at one row), and where bf16 matmuls are emulated (an
+            AVX2 CPU) torch's fallback bf16 GEMM ran ~10× slower on a column-major input at d = 1024, in forward
+            and in the input-gradient product alike (BENCHMARKS.md).
 
     Returns:
         ``(..., D·b)``, the dtype of ``x``.
@@ -153,7 +155,7 @@ def rotate_activations(x: torch.Tensor, blocks: torch.Tensor, row_major: bool | 
         )
     gradient_flows = torch.is_grad_enabled() and (x.requires_grad or blocks.requires_grad)
     if row_major is None:
-        row_major = not gradient_flows
+        row_major = not gradient_flows or not multiplies_natively(x.device, x.dtype)
     if row_major and not gradient_flows and x.numel() == x.shape[-1]:
         return _one_row_product(x, blocks)
     if block_size < TILE_WIDTH:
