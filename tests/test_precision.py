@@ -166,12 +166,20 @@ def test_half_precision_training_layout_follows_the_hardware(native: bool, monke
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_one_row_path_equals_the_dense_product(grad: bool) -> None:
-    """A single token (generation) takes a shorter path without gradients; both must be the same product."""
-    x = torch.randn(1, 1, 96, dtype=torch.float64)
-    blocks = torch.randn(3, 32, 32, dtype=torch.float64, requires_grad=grad)
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_few_rows_path_equals_the_dense_product(grad: bool, rows: int, block_size: int) -> None:
+    """A few tokens (generation) take a shorter path without gradients; all paths are the same product."""
+    x = torch.randn(rows, 1, 3 * block_size, dtype=torch.float64)
+    blocks = torch.randn(3, block_size, block_size, dtype=torch.float64, requires_grad=grad)
     out = rotate_activations(x, blocks, row_major=None)
+    assert out.is_contiguous() is (not grad or rows == 1)  # one row is both layouts at once
     assert rel_err(out, x @ torch.block_diag(*blocks.detach().unbind(0))) <= 1e-12
+    mixed = rotate_activations(x.float().to(torch.bfloat16), blocks.detach().float(), row_major=None)
+    assert mixed.dtype == torch.bfloat16 and rel_err(mixed, out) <= 2**-7
+
+def test_one_strided_row() -> None:
+    blocks = torch.randn(3, 32, 32, dtype=torch.float64)
     strided = torch.randn(1, 192, dtype=torch.float64)[:, ::2]  # one row whose features are not contiguous
     with torch.no_grad():
         assert rel_err(rotate_activations(strided, blocks), strided @ torch.block_diag(*blocks.unbind(0))) <= 1e-12

@@ -106,14 +106,23 @@ class _BlockDiagonalProduct(torch.autograd.Function):
         return grad_x, grad_blocks, None
 
 
-def _one_row_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``x R`` for one row of features (any leading shape of size 1), no autograd, untiled.
+#: Up to this many rows, a no-grad product takes the path with the fewest kernels (:func:`_few_rows_product`).
+FEW_ROWS = 16
 
-    Token-by-token generation calls this once per token and adapted layer: the fewest kernels win there, and a
-    one-row product gains nothing from tiling narrow blocks.
+
+def _few_rows_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x R`` for at most :data:`FEW_ROWS` rows (any leading shape), row-major, no autograd, untiled.
+
+    Token-by-token generation calls this once per token and adapted layer, where the number of kernels, not
+    their arithmetic, sets the cost; a product of a few rows gains nothing from tiling narrow blocks.
     """
     work = x if x.dtype == blocks.dtype else x.to(blocks.dtype)
-    out = torch.bmm(work.reshape(blocks.shape[0], 1, -1), blocks).view(x.shape)
+    rows = x.numel() // x.shape[-1]
+    if rows == 1:
+        out = torch.bmm(work.reshape(blocks.shape[0], 1, -1), blocks).view(x.shape)
+    else:
+        by_block = work.reshape(rows, blocks.shape[0], -1).transpose(0, 1)
+        out = torch.bmm(by_block, blocks).transpose(0, 1).reshape(x.shape)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -156,8 +165,8 @@ def rotate_activations(x: torch.Tensor, blocks: torch.Tensor, row_major: bool | 
     gradient_flows = torch.is_grad_enabled() and (x.requires_grad or blocks.requires_grad)
     if row_major is None:
         row_major = not gradient_flows or not multiplies_natively(x.device, x.dtype)
-    if row_major and not gradient_flows and x.numel() == x.shape[-1]:
-        return _one_row_product(x, blocks)
+    if row_major and not gradient_flows and x.numel() <= FEW_ROWS * x.shape[-1]:
+        return _few_rows_product(x, blocks)
     if block_size < TILE_WIDTH:
         blocks = tile_blocks(blocks)
     rows = x.reshape(-1, x.shape[-1])
