@@ -178,6 +178,7 @@ def test_few_rows_path_equals_the_dense_product(grad: bool, rows: int, block_siz
     mixed = rotate_activations(x.float().to(torch.bfloat16), blocks.detach().float(), row_major=None)
     assert mixed.dtype == torch.bfloat16 and rel_err(mixed, out) <= 2**-7
 
+
 def test_one_strided_row() -> None:
     blocks = torch.randn(3, 32, 32, dtype=torch.float64)
     strided = torch.randn(1, 192, dtype=torch.float64)[:, ::2]  # one row whose features are not contiguous

@@ -251,3 +251,50 @@ def test_forward_per_adapter_reads_runs_as_views_and_writes_each_row_once() -> N
     # three samples of two rows each (beams): the names repeat per row, in sample-major order
     out = forward_per_adapter(x, ["b", "a", "b"], run)
     assert out.flatten().tolist() == [0, 100, 20, 30, 400, 500]
+
+
+@pytest.mark.parametrize("rows_per_sample", [1, 3])
+@pytest.mark.parametrize("beams", [1, 2])
+def test_small_mixed_batch_in_one_product_equals_each_row_with_its_own_adapter(
+    rows_per_sample: int, beams: int
+) -> None:
+    """Few rows, adapters of one block size (one shared): the one-product path; each sample by its adapter."""
+    torch.manual_seed(0)
+    layer = oft.Linear(nn.Linear(32, 16), "a", r=0, oft_block_size=8, init_weights=False)
+    layer.update_layer("b", r=0, oft_block_size=8, block_share=True, init_weights=False)
+    layer.update_layer("c", r=0, oft_block_size=8, init_weights=False)
+    layer.eval()
+    names = ["a", "b", "__base__", "c"][: 4 // beams]
+    x = torch.randn(len(names) * beams, rows_per_sample, 32)
+    calls: list[int] = []
+    original = oft.rotate_samples
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(oft, "rotate_samples", lambda *a: calls.append(1) or original(*a))
+        mixed = layer(x, adapter_names=names)
+        assert calls, "the one-product path was not taken"
+        expected = []
+        for row in range(x.shape[0]):
+            name = names[row // beams]
+            if name == "__base__":
+                expected.append(layer.base_layer(x[row : row + 1]))
+            else:
+                layer.set_adapter(name)
+                expected.append(layer(x[row : row + 1]))
+    assert rel_err(mixed, torch.cat(expected)) <= 1e-6
+
+
+def test_rotate_samples_equals_a_dense_product_per_sample() -> None:
+    from orthotune.functional import rotate_samples
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 12, dtype=torch.float64)
+    blocks = [torch.randn(3, 4, 4, dtype=torch.float64) for _ in range(3)]
+    out = rotate_samples(x, blocks)
+    for i in range(3):
+        assert rel_err(out[i], x[i] @ torch.block_diag(*blocks[i].unbind(0))) <= 1e-12
+    one_row = rotate_samples(x[:, :1], blocks)
+    assert rel_err(one_row, out[:, :1]) <= 1e-12
+    half = rotate_samples(x.float().to(torch.bfloat16), [b.float() for b in blocks])
+    assert half.dtype == torch.bfloat16 and rel_err(half, out) <= 2**-7
+    with pytest.raises(ValueError, match="one \\(D, b, b\\) rotation per sample"):
+        rotate_samples(x, blocks[:2])

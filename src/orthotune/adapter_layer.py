@@ -78,13 +78,13 @@ def split_batch_by_adapter(adapter_names: Sequence[str], batch: int) -> list[tup
 @functools.lru_cache(maxsize=64)
 def _batch_plan(
     adapter_names: tuple[str, ...], batch: int, device: torch.device
-) -> tuple[tuple[str, slice | torch.Tensor | None], ...]:
-    """:func:`split_batch_by_adapter` with each group's rows as a slice where they are consecutive, else as an
-    index tensor on ``device``; kept, since every adapted layer of a model asks for the same plan per call."""
-    plan: list[tuple[str, slice | torch.Tensor | None]] = []
+) -> tuple[tuple[str, tuple[int, int] | torch.Tensor | None], ...]:
+    """:func:`split_batch_by_adapter` with each group's rows as ``(start, length)`` where they are consecutive,
+    else as an index tensor on ``device``; kept, since every adapted layer of a model asks for the same plan."""
+    plan: list[tuple[str, tuple[int, int] | torch.Tensor | None]] = []
     for name, rows in split_batch_by_adapter(adapter_names, batch):
         if rows is not None and bool((rows.diff() == 1).all()):
-            plan.append((name, slice(int(rows[0]), int(rows[-1]) + 1)))
+            plan.append((name, (int(rows[0]), rows.numel())))
         else:
             plan.append((name, None if rows is None else rows.to(device)))
     return tuple(plan)
@@ -103,11 +103,12 @@ def forward_per_adapter(
         return run(plan[0][0], x)
     out: torch.Tensor | None = None
     for name, rows in plan:
-        result = run(name, x[rows] if isinstance(rows, slice) else x.index_select(0, rows))
+        consecutive = isinstance(rows, tuple)
+        result = run(name, x.narrow(0, *rows) if consecutive else x.index_select(0, rows))
         if out is None:
             out = result.new_empty((x.shape[0], *result.shape[1:]))
-        if isinstance(rows, slice):
-            out[rows] = result
+        if consecutive:
+            out.narrow(0, *rows).copy_(result)
         else:
             out.index_copy_(0, rows, result)
     assert out is not None
@@ -258,7 +259,10 @@ class AdapterLayer(ActiveAdapters, nn.Module):
             def rotate(name: str, rows: torch.Tensor) -> torch.Tensor:
                 return self._rotated_input(rows, [name], row_major=True) if name in adapted else rows
 
-            return self._base_forward_on_rotated(forward_per_adapter(x, adapter_names, rotate), *args, **kwargs)
+            rotated = self._rotate_each_sample(x, adapter_names)
+            if rotated is None:
+                rotated = forward_per_adapter(x, adapter_names, rotate)
+            return self._base_forward_on_rotated(rotated, *args, **kwargs)
 
         def run(name: str, rows: torch.Tensor) -> torch.Tensor:
             # "__base__", and an adapter of the model that does not adapt this layer, leave it the base layer.
@@ -277,6 +281,10 @@ class AdapterLayer(ActiveAdapters, nn.Module):
 
     def _rotated_input(self, x: torch.Tensor, active: list[str], row_major: bool | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _rotate_each_sample(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor | None:
+        """Each sample's rows rotated by its own adapter in one product, or ``None`` to go group by group."""
+        return None
 
     def _cached_rotation(
         self, adapter_name: str, build: Callable[[], torch.Tensor], sources: Sequence[torch.Tensor], settings: Any = ()

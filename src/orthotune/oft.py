@@ -14,8 +14,10 @@ applied, COFT does not write into parameters during forward, and Conv2d's forwar
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,11 +35,13 @@ from orthotune.functional import (
     packed_size,
     project_coft,
     rotate_activations,
+    rotate_samples,
     rotate_weight,
     rotation_compute_dtype,
     skew_from_packed,
     unrotate_weight,
 )
+from orthotune.functional.rotate import FEW_ROWS
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +180,12 @@ class OFTRotationModule(nn.Module):
             f"r={self.r}, block_size={self.block_size}, in_features={self.in_features}, cayley={mode}, "
             f"coft={self.coft}, block_share={self.block_share}"
         )
+
+
+@functools.cache
+def _identity(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A shared ``size × size`` identity (never written to): the rotation of samples that use no adapter."""
+    return torch.eye(size, dtype=dtype, device=device)
 
 
 def nearest_divisor(features: int, value: int) -> int:
@@ -396,6 +406,26 @@ class Linear(_OFTConstructor):
 
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._base_forward_on_rotated(self._rotated_input(x, active), *args, **kwargs)
+
+    def _rotate_each_sample(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor | None:
+        """One product for a mixed batch of at most ``FEW_ROWS`` rows (generation) whose adapters share a block
+        size; ``"__base__"`` and adapters this layer lacks get the identity (exact for finite activations)."""
+        rows = x.numel() // x.shape[-1]
+        if rows > FEW_ROWS or x.shape[0] % len(adapter_names):
+            return None
+        compute_dtype = rotation_compute_dtype(x.device, x.dtype)
+        blocks = {}
+        for name in set(adapter_names).intersection(self.oft_R):
+            kept = self._rotation_blocks(name)
+            kept = kept if kept.dtype == compute_dtype else kept.to(compute_dtype)
+            blocks[name] = kept if kept.shape[0] == self.r[name] else kept.expand(self.r[name], -1, -1)
+        shapes = {tuple(b.shape) for b in blocks.values()}
+        if len(shapes) != 1:
+            return None
+        num_blocks, block_size, _ = shapes.pop()
+        identity = _identity(block_size, compute_dtype, x.device).expand(num_blocks, -1, -1)
+        per_sample = x.shape[0] // len(adapter_names)  # beams, returned sequences: consecutive rows per name
+        return rotate_samples(x, [blocks.get(name, identity) for name in adapter_names for _ in range(per_sample)])
 
 
 class Conv2d(_OFTConstructor):

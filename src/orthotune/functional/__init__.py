@@ -27,7 +27,13 @@ from orthotune.functional.cayley import (
 from orthotune.functional.coft import coft_radius, project_coft, project_to_ball
 from orthotune.functional.dropout import drop_blocks_to_identity, drop_factor_blocks_to_identity
 from orthotune.functional.precision import multiplies_natively, rotation_compute_dtype
-from orthotune.functional.rotate import block_diagonal, rotate_activations, rotate_weight, unrotate_weight
+from orthotune.functional.rotate import (
+    block_diagonal,
+    rotate_activations,
+    rotate_samples,
+    rotate_weight,
+    unrotate_weight,
+)
 from orthotune.functional.skew import (
     block_size_from_packed,
     boft_generators,
@@ -62,6 +68,7 @@ __all__ = [
     "project_to_ball",
     "rotate_activations",
     "rotation_compute_dtype",
+    "rotate_samples",
     "rotate_weight",
     "skew_from_packed",
     "skew_part",

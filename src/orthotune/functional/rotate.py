@@ -177,6 +177,39 @@ def rotate_activations(x: torch.Tensor, blocks: torch.Tensor, row_major: bool | 
     return rotated.reshape(x.shape)
 
 
+def rotate_samples(x: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
+    """``x_i R_i`` for every sample ``i`` of ``x`` (its first dimension), each by its own block-diagonal rotation.
+
+    One batched product for the whole batch: for a mixed-adapter batch of a few rows (generation), where one
+    product per adapter would cost a kernel launch and a gather per group. The blocks of all samples are
+    stacked, so memory grows with the batch: meant for small batches.
+
+    Args:
+        x: ``(N, ..., D·b)``.
+        blocks: ``N`` tensors ``(D, b, b)`` (views welcome: an expanded shared block, an expanded identity), all in
+            one dtype, the dtype of ``x`` or a wider one to multiply in.
+
+    Returns:
+        ``(N, ..., D·b)`` in the dtype of ``x``.
+    """
+    stacked = torch.stack(blocks)  # (N, D, b, b)
+    samples, num_blocks, block_size, _ = stacked.shape
+    if samples != x.shape[0] or num_blocks * block_size != x.shape[-1]:
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} needs one (D, b, b) rotation per sample with D·b = {x.shape[-1]}; "
+            f"got {samples} of shape {tuple(stacked.shape[1:])}"
+        )
+    work = x if x.dtype == stacked.dtype else x.to(stacked.dtype)
+    rows = x[0].numel() // x.shape[-1]
+    if rows == 1:
+        out = torch.bmm(work.reshape(samples * num_blocks, 1, block_size), stacked.view(-1, block_size, block_size))
+        out = out.view(x.shape)
+    else:
+        by_block = work.reshape(samples, rows, num_blocks, block_size).transpose(1, 2)  # (N, D, rows, b)
+        out = torch.matmul(by_block, stacked).transpose(1, 2).reshape(x.shape)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
 def rotate_weight(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """``W Rᵀ``: merge the rotation into a weight used as ``y = x Wᵀ``.
 
