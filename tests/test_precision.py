@@ -51,7 +51,10 @@ def test_half_precision_follows_the_hardware_unless_overridden(
 ) -> None:
     monkeypatch.delenv(ROTATION_DTYPE_ENV, raising=False)
     monkeypatch.setattr(precision, "_cpu_multiplies_natively", lambda _: native)
+    monkeypatch.setattr(precision, "_cpu_half_product_is_faster", lambda _: True)
     assert rotation_compute_dtype("cpu", dtype) is (dtype if native else torch.float32)
+    monkeypatch.setattr(precision, "_cpu_half_product_is_faster", lambda _: False)
+    assert rotation_compute_dtype("cpu", dtype) is torch.float32  # native, but measured slower
     monkeypatch.setenv(ROTATION_DTYPE_ENV, "float32")
     assert rotation_compute_dtype("cpu", dtype) is torch.float32
     monkeypatch.setenv(ROTATION_DTYPE_ENV, "input")
@@ -64,6 +67,14 @@ def test_this_cpu_is_asked_the_way_torch_picks_its_native_half_precision_gemm() 
         expected = torch.backends.mkldnn.is_available() and bool(getattr(torch.ops.mkldnn, probe)())
         assert multiplies_natively("cpu", dtype) is expected
     assert multiplies_natively("cpu", torch.float32) and multiplies_natively("meta", torch.bfloat16)
+
+
+def test_the_measurement_runs_once_and_answers_a_boolean() -> None:
+    precision._cpu_half_product_is_faster.cache_clear()
+    first = precision._cpu_half_product_is_faster(torch.bfloat16)
+    assert isinstance(first, bool)
+    assert precision._cpu_half_product_is_faster(torch.bfloat16) is first
+    assert precision._cpu_half_product_is_faster.cache_info().hits >= 1
 
 
 def test_unknown_override_names_the_variable_and_the_choices(monkeypatch: pytest.MonkeyPatch) -> None:

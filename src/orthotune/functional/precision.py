@@ -4,8 +4,8 @@ Adapter parameters and the rotation blocks built from them are fp32. Applying th
 activations can go two ways:
 
 * **in the activation dtype** (bf16 blocks times bf16 activations): right where the hardware multiplies bf16
-  natively (CUDA from Ampere on, CPUs with AVX512-BF16 or AMX). Nothing fp32 of activation size is made or
-  kept for backward.
+  natively (CUDA from Ampere on; CPUs with AVX512-BF16 or AMX when a one-time measurement of the block product
+  agrees). Nothing fp32 of activation size is made or kept for backward.
 * **in fp32** (upcast the activations, multiply, round the result back): right where bf16 matmuls are
   emulated. On an AVX2-only CPU torch's bf16 batched matmul for a ``d = 1024`` rotation is several times
   slower than the upcast, the fp32 product and the cast back together (BENCHMARKS.md). The product still keeps
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 
@@ -65,6 +66,32 @@ def _cuda_multiplies_natively(dtype: torch.dtype, index: int | None) -> bool:
             return torch.cuda.is_bf16_supported()
 
 
+@functools.cache
+def _cpu_half_product_is_faster(dtype: torch.dtype) -> bool:
+    """One measurement per process (a few milliseconds): a 32-block rotation of 256 rows of ``d = 1024``
+    multiplied in ``dtype`` against the same product in fp32 on an upcast copy, rounded back.
+
+    A CPU with native bf16 GEMMs need not have fast bf16 *batched small* products: on an AVX512-BF16 machine
+    orthotune's bf16 OFT step cost 1.57× the frozen layer where peft's fp32 upcast cost 1.43× (BENCHMARKS.md).
+    """
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 32, 32, generator=generator).transpose(0, 1)  # (D, rows, b), as the product reads it
+    blocks = torch.randn(32, 32, 32, generator=generator)
+    half_x, half_blocks = x.to(dtype), blocks.to(dtype)
+    candidates = {
+        "half": lambda: torch.bmm(half_x, half_blocks),
+        "upcast": lambda: torch.bmm(half_x.float(), blocks).to(dtype),
+    }
+    best = dict.fromkeys(candidates, float("inf"))
+    with torch.no_grad():
+        for _ in range(5):
+            for name, product in candidates.items():
+                start = time.perf_counter()
+                product()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best["half"] < best["upcast"]
+
+
 def multiplies_natively(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether matmuls in ``dtype`` run natively on ``device`` (always true for fp32 and fp64).
 
@@ -83,8 +110,10 @@ def multiplies_natively(device: torch.device | str, dtype: torch.dtype) -> bool:
 def rotation_compute_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
     """The dtype to multiply activations of ``dtype`` on ``device`` by their rotation blocks in.
 
-    ``dtype`` itself where the device multiplies it natively (and for fp32/fp64), ``torch.float32`` for
-    half precision where it does not. ``ORTHOTUNE_ROTATION_DTYPE`` overrides the choice.
+    ``dtype`` itself for fp32/fp64 and where the device multiplies half precision natively, ``torch.float32``
+    where it does not. On a CPU that reports native bf16/fp16 GEMMs, a one-time measurement of the batched
+    block product in both dtypes decides (cached per dtype; not while ``torch.compile`` traces, which takes the
+    native dtype). ``ORTHOTUNE_ROTATION_DTYPE`` overrides the choice.
 
     Args:
         device: where the activations live.
@@ -97,6 +126,11 @@ def rotation_compute_dtype(device: torch.device | str, dtype: torch.dtype) -> to
     if dtype not in _HALF:
         return dtype
     choice = _override()
-    if choice == "float32" or (choice == "auto" and not multiplies_natively(device, dtype)):
+    if choice == "input":
+        return dtype
+    if choice == "float32" or not multiplies_natively(device, dtype):
+        return torch.float32
+    device = torch.device(device)
+    if device.type == "cpu" and not torch.compiler.is_compiling() and not _cpu_half_product_is_faster(dtype):
         return torch.float32
     return dtype
