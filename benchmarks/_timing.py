@@ -23,12 +23,29 @@ from pathlib import Path
 
 import torch
 
+#: The clock every timing reads: wall time by default; ``set_clock("cpu")`` switches to this process's CPU time.
+_clock: Callable[[], float] = time.perf_counter
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def set_clock(name: str) -> None:
+    """``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``: the CPU time of every thread of this
+    process). On a machine shared with other CPU-bound work, CPU time leaves out the time this process waited
+    for a core, the largest source of noise there (not cache and memory-bandwidth contention); with more than
+    one torch thread it also counts threads that spin while waiting."""
+    global _clock
+    _clock = CLOCKS[name]
+
+
+def clock_name() -> str:
+    return next(name for name, clock in CLOCKS.items() if clock is _clock)
+
 
 def seconds_per_call(fn: Callable[[], object], calls: int = 1) -> float:
-    start = time.perf_counter()
+    start = _clock()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls
+    return (_clock() - start) / calls
 
 
 def calls_per_sample(per_call_s: float, min_sample_s: float) -> int:
@@ -148,7 +165,7 @@ def environment_line() -> str:
     cores = os.cpu_count()
     return (
         f"{', '.join(versions)} | python {platform.python_version()} | CPU: {cpu_model()} ({cores} logical cores) "
-        f"| torch threads: {torch.get_num_threads()} | {source_state()}"
+        f"| torch threads: {torch.get_num_threads()} | clock: {clock_name()} | {source_state()}"
     )
 
 

@@ -92,6 +92,7 @@ from _timing import (  # noqa: E402
     render_markdown,
     render_text,
     seconds_per_call,
+    set_clock,
     timed_group,
     warm_up,
 )
@@ -634,6 +635,12 @@ def print_tables(results: Sequence[Result], markdown: bool) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (less noisy on a shared machine)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     parser.add_argument("--grid", action="store_true", help="the full grid of issue 7 (see the module docstring)")
     parser.add_argument("--d", type=int, nargs="+", default=None, help="feature sizes (grid with --n)")
@@ -670,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
         print_tables(results, args.markdown)
         return results
     torch.set_num_threads(args.threads)
+    set_clock(args.clock)
     torch.manual_seed(args.seed)
     quick = args.quick
     print(f"# {environment_line()}")

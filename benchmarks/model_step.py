@@ -89,7 +89,16 @@ for _path in (_HERE.parent / "src", _HERE):
         sys.path.insert(0, str(_path))
 
 from _peft_boft_cpu import peft_keeps_butterfly_factor  # noqa: E402
-from _timing import Budget, Spread, environment_line, paired_ratios, render_markdown, render_text, timed_group  # noqa: E402
+from _timing import (  # noqa: E402
+    Budget,
+    Spread,
+    environment_line,
+    paired_ratios,
+    render_markdown,
+    render_text,
+    set_clock,
+    timed_group,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REFERENCE = "peft-lora-r16"
@@ -482,6 +491,12 @@ def profile_steps(shape: ModelShape, names: Sequence[str], row_limit: int = 20) 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (less noisy on a shared machine)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default: 1)")
     parser.add_argument("--quick", action="store_true", help="a tiny model for a smoke test")
     parser.add_argument("--only", nargs="+", choices=list(CONFIGS), default=None, help="configurations to run")
@@ -504,6 +519,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    set_clock(args.clock)
     shape = QUICK if args.quick else FULL
     if args.memory_only:
         print(json.dumps({"mib": measure_memory(args.memory_only, shape, args.memory_steps, args.memory_kind)}))

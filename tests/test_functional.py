@@ -347,7 +347,7 @@ def test_rotate_activations_is_row_major_unless_asked_to_keep_the_product_layout
     row_major = rotate_activations(x, blocks)
     as_computed = rotate_activations(x, blocks, row_major=False)
     assert row_major.is_contiguous() and not as_computed.is_contiguous()
-    assert torch.equal(row_major, as_computed)
+    assert rel_err(row_major, as_computed) <= 1e-6  # two kernels (tiled or not), one product
     assert rel_err(row_major, x.double() @ dense_block_diag(blocks.double())) <= 1e-5
 
 

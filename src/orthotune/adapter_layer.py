@@ -27,6 +27,7 @@ with until it is unmerged, so that unmerge restores the weight exactly.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -46,6 +47,7 @@ from orthotune.base_layer import (
     write_weight_matrix,
 )
 from orthotune.integrations.quantized import quantized_backend
+from orthotune.rotation_cache import RotationCache
 
 
 def _as_name_list(names: str | Iterable[str]) -> list[str]:
@@ -82,18 +84,48 @@ def split_batch_by_adapter(adapter_names: Sequence[str], batch: int) -> list[tup
     return [(name, per_sample[samples].reshape(-1)) for name, samples in groups.items()]
 
 
+@functools.lru_cache(maxsize=64)
+def _batch_plan(
+    adapter_names: tuple[str, ...], batch: int, device: torch.device
+) -> tuple[tuple[str, tuple[int, int] | torch.Tensor | None], ...]:
+    """:func:`split_batch_by_adapter` with each group's rows as ``(start, length)`` where they are consecutive,
+    else as an index tensor on ``device``; kept, since every adapted layer of a model asks for the same plan."""
+    plan: list[tuple[str, tuple[int, int] | torch.Tensor | None]] = []
+    for name, rows in split_batch_by_adapter(adapter_names, batch):
+        if rows is not None and bool((rows.diff() == 1).all()):
+            plan.append((name, (int(rows[0]), rows.numel())))
+        else:
+            plan.append((name, None if rows is None else rows.to(device)))
+    return tuple(plan)
+
+
 def forward_per_adapter(
     x: torch.Tensor, adapter_names: Sequence[str], run: Callable[[str, torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """``run(name, rows of x)`` for each group of :func:`split_batch_by_adapter`, reassembled in batch order."""
-    outputs, order = [], []
-    for name, rows in split_batch_by_adapter(adapter_names, x.shape[0]):
-        if rows is None:
-            return run(name, x)
-        rows = rows.to(x.device)
-        outputs.append(run(name, x.index_select(0, rows)))
-        order.append(rows)
-    return torch.cat(outputs).index_select(0, torch.argsort(torch.cat(order)))
+    """``run(name, rows of x)`` for each group of :func:`split_batch_by_adapter`, reassembled in batch order.
+
+    Each group reads its rows as a view where they are consecutive (else one gather), and each result is
+    written once into its rows of the output.
+    """
+    plan = _batch_plan(tuple(adapter_names), x.shape[0], x.device)
+    if plan[0][1] is None:
+        return run(plan[0][0], x)
+    out: torch.Tensor | None = None
+    for name, rows in plan:
+        if isinstance(rows, tuple):
+            start, length = rows
+            result = run(name, x.narrow(0, start, length))
+        else:
+            assert rows is not None  # a single-group plan returned above
+            result = run(name, x.index_select(0, rows))
+        if out is None:
+            out = result.new_empty((x.shape[0], *result.shape[1:]))
+        if isinstance(rows, tuple):
+            out.narrow(0, start, length).copy_(result)
+        else:
+            out.index_copy_(0, rows, result)
+    assert out is not None
+    return out
 
 
 class ActiveAdapters:
@@ -172,6 +204,7 @@ class AdapterLayer(ActiveAdapters, nn.Module):
         self._meta_adapters: set[str] = set()
         # For a quantized base layer, the packed weight as it was before each merge (see unmerge).
         self._storage_before_merge: list[dict[str, Any]] = []
+        self._rotation_cache = RotationCache()
         self.fan_in_fan_out = _checked_fan_in_fan_out(self.kind, fan_in_fan_out)
         self.is_target_conv_1d_layer = is_target_conv_1d_layer
         self._create_adapter_holders()
@@ -293,6 +326,7 @@ class AdapterLayer(ActiveAdapters, nn.Module):
         self.scaling.pop(adapter_name, None)
         self._meta_adapters.discard(adapter_name)
         self._active_adapters = [name for name in self._active_adapters if name != adapter_name]
+        self._rotation_cache.clear(adapter_name)
         if not self._active_adapters and self.adapter_names:
             self.set_adapter(self.adapter_names[0])
 
@@ -439,14 +473,46 @@ class AdapterLayer(ActiveAdapters, nn.Module):
             )
 
         self._check_materialized(adapter_names)
+        adapted = set(self.adapter_names)
+        if self._adapters_only_rotate_input:
+            # Rotate each group's rows, then run the base layer once over the whole batch.
+            def rotate(name: str, rows: torch.Tensor) -> torch.Tensor:
+                return self._rotated_input(rows, [name], row_major=True) if name in adapted else rows
+
+            rotated = self._rotate_each_sample(x, adapter_names)
+            if rotated is None:
+                rotated = forward_per_adapter(x, adapter_names, rotate)
+            return self._base_forward_on_rotated(rotated, *args, **kwargs)
 
         def run(name: str, rows: torch.Tensor) -> torch.Tensor:
             # "__base__", and an adapter of the model that does not adapt this layer, leave it the base layer.
-            if name in self.adapter_names:
+            if name in adapted:
                 return self._adapted_forward(rows, [name], *args, **kwargs)
             return self.base_layer(rows, *args, **kwargs)
 
         return forward_per_adapter(x, adapter_names, run)
+
+    #: Whether ``_adapted_forward(x)`` is ``base_layer(_rotated_input(x))``: then a mixed batch runs the base
+    #: layer once, on rows rotated each by its own adapter.
+    _adapters_only_rotate_input: bool = False
+
+    def _rotated_input(self, x: torch.Tensor, active: list[str], row_major: bool | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _rotate_each_sample(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor | None:
+        """Each sample's rows rotated by its own adapter in one product, or ``None`` to go group by group."""
+        return None
+
+    def _cached_rotation(
+        self, adapter_name: str, build: Callable[[], torch.Tensor], sources: Sequence[torch.Tensor], settings: Any = ()
+    ) -> torch.Tensor:
+        """``build()``, kept and reused while no gradient is wanted and neither ``sources`` (the adapter's
+        tensors), ``settings`` nor the layer's train/eval mode change (see :mod:`orthotune.rotation_cache`)."""
+        return self._rotation_cache.get(adapter_name, build, sources, (self.training, settings))
+
+    def clear_rotation_cache(self) -> None:
+        """Forget kept rotations; needed only after writing adapter tensors through ``.data``."""
+        self._rotation_cache.clear()
 
     def _base_forward_on_rotated(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer on rotated activations, which may be column-major (see ``rotate_activations``)."""

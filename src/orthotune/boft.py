@@ -52,6 +52,7 @@ from orthotune.functional import (
     output_scale_at_strength,
     project_skew_jointly,
     rotation_at_strength,
+    rotation_compute_dtype,
 )
 from orthotune.oft import MultiplicativeDropoutLayer
 from orthotune.validation import check_constraint, check_init_weights, check_probability, check_rotation_side
@@ -184,7 +185,11 @@ class BOFTLayer(AdapterLayer):
         return self.rotation_side[adapter_name] == "output"
 
     def _forward_blocks(self, adapter_name: str) -> torch.Tensor:
-        return self.boft_dropout[adapter_name](self.rotation_blocks(adapter_name))
+        settings = (self.strength(adapter_name), self.boft_constraint[adapter_name], self.rotation_side[adapter_name])
+        blocks = self._cached_rotation(
+            adapter_name, lambda: self.rotation_blocks(adapter_name), (self.boft_R[adapter_name],), settings
+        )
+        return self.boft_dropout[adapter_name](blocks)
 
     def _permutation_index(self, adapter_name: str) -> torch.Tensor:
         permutations = self.boft_permutations[adapter_name]
@@ -289,9 +294,11 @@ class Linear(BOFTLayer):
         if any(self._rotates_outputs(name) for name in active):
             return self._forward_with_output_rotations(x, active, *args, **kwargs)
         scale: torch.Tensor | None = None
+        compute_dtype = rotation_compute_dtype(x.device, x.dtype)
         for name in reversed(active):  # the first active adapter sits next to the base layer
-            blocks = self._forward_blocks(name).to(x.dtype)
-            x = butterfly_rotate_activations(x, blocks, self._permutation_index(name), row_major=False)
+            blocks = self._forward_blocks(name).to(compute_dtype)
+            row_major = None if self._base_reads_any_layout else True
+            x = butterfly_rotate_activations(x, blocks, self._permutation_index(name), row_major=row_major)
             adapter_scale = self._output_scale(name).squeeze(-1)
             scale = adapter_scale if scale is None else scale * adapter_scale
         result = self._base_forward_on_rotated(x, *args, **kwargs)

@@ -21,7 +21,9 @@ The blocks then divide ``out_features`` (output channels for Conv2d).
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -46,14 +48,17 @@ from orthotune.functional import (
     project_packed_jointly,
     rotate_activations,
     rotate_outputs,
+    rotate_samples,
     rotate_weight,
     rotate_weight_outputs,
     rotation_at_strength,
+    rotation_compute_dtype,
     skew_from_packed,
     unrotate_weight,
     unrotate_weight_outputs,
 )
 from orthotune.functional.cayley import check_neumann_terms
+from orthotune.functional.rotate import FEW_ROWS
 from orthotune.validation import (
     check_coft_eps,
     check_constraint,
@@ -240,6 +245,12 @@ class OFTRotationModule(nn.Module):
         )
 
 
+@functools.cache
+def _identity(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A shared ``size × size`` identity (never written to): the rotation of samples that use no adapter."""
+    return torch.eye(size, dtype=dtype, device=device)
+
+
 class OFTLayer(AdapterLayer):
     """Shared OFT bookkeeping; use :class:`Linear`, :class:`Conv2d` or :class:`Embedding`."""
 
@@ -363,7 +374,18 @@ class OFTLayer(AdapterLayer):
     def _rotation_blocks(self, adapter_name: str) -> torch.Tensor:
         """fp32 blocks as forward uses them: dropout applied in training, shared blocks repeated only then."""
         rotation = self.rotation_module(adapter_name)
-        blocks = rotation.rotation_blocks(self.strength(adapter_name))
+        strength = self.strength(adapter_name)
+        settings = (
+            rotation.coft,
+            rotation.eps,
+            rotation.constraint,
+            rotation.use_cayley_neumann,
+            rotation.num_cayley_neumann_terms,
+            strength,
+        )
+        blocks = self._cached_rotation(
+            adapter_name, lambda: rotation.rotation_blocks(strength), (rotation.weight,), settings
+        )
         dropout = self._dropout(adapter_name)
         if dropout.training and dropout.p > 0:
             blocks = dropout(blocks.expand(rotation.num_blocks, -1, -1))
@@ -484,15 +506,50 @@ class Linear(OFTLayer):
         ``x: (..., in_features)`` → ``(..., out_features)``, in the dtype of ``x``.
     """
 
+    @property
+    def _adapters_only_rotate_input(self) -> bool:  # type: ignore[override]
+        return not any(self._rotates_outputs(name) for name in self.adapter_names)
+
+    def _rotated_input(self, x: torch.Tensor, active: list[str], row_major: bool | None = None) -> torch.Tensor:
+        """``x R_{last} ⋯ R_{first}`` for the input-side adapters of ``active``: what the base layer reads
+        (row-major where it must be, see ``rotate_activations`` for the layout ``None`` picks)."""
+        compute_dtype = rotation_compute_dtype(x.device, x.dtype)
+        row_major = row_major if self._base_reads_any_layout else True
+        for name in reversed(active):  # the first active adapter sits next to the base layer
+            if self._rotates_outputs(name):
+                continue
+            blocks = self._rotation_blocks(name)
+            if blocks.dtype != compute_dtype:
+                blocks = blocks.to(compute_dtype)
+            x = rotate_activations(x, blocks, row_major=row_major)
+        return x
+
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         # The first active adapter sits next to the base layer on either side. Input and output rotations
         # multiply W from opposite sides, so they commute and their merges may interleave in any order.
-        for name in reversed(active):
-            if not self._rotates_outputs(name):
-                x = rotate_activations(x, self._rotation_blocks(name).to(x.dtype), row_major=False)
-        result = self._base_forward_on_rotated(x, *args, **kwargs)
+        result = self._base_forward_on_rotated(self._rotated_input(x, active), *args, **kwargs)
         outputs = [name for name in active if self._rotates_outputs(name)]
         return self._rotate_layer_outputs(result, outputs) if outputs else result
+
+    def _rotate_each_sample(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor | None:
+        """One product for a mixed batch of at most ``FEW_ROWS`` rows (generation) whose adapters share a block
+        size; ``"__base__"`` and adapters this layer lacks get the identity (exact for finite activations)."""
+        rows = x.numel() // x.shape[-1]
+        if rows > FEW_ROWS or x.shape[0] % len(adapter_names):
+            return None
+        compute_dtype = rotation_compute_dtype(x.device, x.dtype)
+        blocks = {}
+        for name in set(adapter_names).intersection(self.oft_R):
+            kept = self._rotation_blocks(name)
+            kept = kept if kept.dtype == compute_dtype else kept.to(compute_dtype)
+            blocks[name] = kept if kept.shape[0] == self.r[name] else kept.expand(self.r[name], -1, -1)
+        shapes = {tuple(b.shape) for b in blocks.values()}
+        if len(shapes) != 1:
+            return None
+        num_blocks, block_size, _ = shapes.pop()
+        identity = _identity(block_size, compute_dtype, x.device).expand(num_blocks, -1, -1)
+        per_sample = x.shape[0] // len(adapter_names)  # beams, returned sequences: consecutive rows per name
+        return rotate_samples(x, [blocks.get(name, identity) for name in adapter_names for _ in range(per_sample)])
 
 
 class Conv2d(OFTLayer):
@@ -512,10 +569,10 @@ class Conv2d(OFTLayer):
         base: Any = self.base_layer
         weight = weight_matrix(base, self.kind)
         for name in active:  # merge order: the first active adapter is applied to W first
-            blocks = self._rotation_blocks(name).to(weight.dtype)
+            blocks = self._rotation_blocks(name).to(rotation_compute_dtype(weight.device, weight.dtype))
             if self._rotates_outputs(name):
                 scale = self._output_scale(name)
-                weight = rotate_weight_outputs(weight, blocks, None if scale is None else scale.to(weight.dtype))
+                weight = rotate_weight_outputs(weight, blocks, None if scale is None else scale.to(blocks.dtype))
             else:
                 weight = rotate_weight(weight, blocks)
         return base._conv_forward(x, weight.reshape(base.weight.shape), base.bias)
@@ -537,7 +594,8 @@ class Embedding(OFTLayer):
     def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         for name in active:  # the first active adapter sits next to the base layer
-            result = rotate_activations(result, self._rotation_blocks(name).to(result.dtype))
+            blocks = self._rotation_blocks(name).to(rotation_compute_dtype(result.device, result.dtype))
+            result = rotate_activations(result, blocks)
         return result
 
 

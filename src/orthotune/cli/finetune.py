@@ -150,7 +150,7 @@ def add_parser(commands: Any) -> None:
         "--threads",
         type=positive_int,
         metavar="N",
-        help="CPU threads for torch (default: torch's choice, one per core); 1 is faster on a busy machine",
+        help="CPU threads for torch (default: the cores other processes leave free, at least 1)",
     )
 
     output = parser.add_argument_group("output")
@@ -367,6 +367,9 @@ def _adapter_config(args: argparse.Namespace, target_modules: list[str] | str) -
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from orthotune.cli.threads import apply_cpu_thread_policy
+
+    apply_cpu_thread_policy(args.threads)  # before torch is imported: OpenMP reads its waiting policy once
     from orthotune.cli.data import train_test_split
 
     started = time.perf_counter()

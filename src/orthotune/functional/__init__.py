@@ -11,6 +11,7 @@
 - :mod:`~orthotune.functional.strength`: an adapter at a strength ``t``: ``R(t·Q)`` and BOFT's scale ``s^t``.
 - :mod:`~orthotune.functional.compose`: the one generator of a product of rotations (adapter composition).
 - :mod:`~orthotune.functional.lowrank`: truncated SVD of a weight change, and the rank a tolerance needs.
+- :mod:`~orthotune.functional.precision`: the dtype a rotation is applied in, and the layout, per device.
 """
 
 from orthotune.functional.butterfly import (
@@ -62,10 +63,12 @@ from orthotune.functional.lycoris_butterfly import (
     lycoris_butterfly_unrotate_activations,
     lycoris_butterfly_unrotate_weight,
 )
+from orthotune.functional.precision import multiplies_natively, rotation_compute_dtype
 from orthotune.functional.rotate import (
     block_diagonal,
     rotate_activations,
     rotate_outputs,
+    rotate_samples,
     rotate_weight,
     rotate_weight_outputs,
     unrotate_weight,
@@ -120,6 +123,7 @@ __all__ = [
     "lycoris_radius",
     "generator_at_strength",
     "low_rank_factors",
+    "multiplies_natively",
     "neumann_norm_bound",
     "orthogonality_error",
     "output_scale_at_strength",
@@ -132,6 +136,8 @@ __all__ = [
     "rank_for_tolerance",
     "rotate_activations",
     "rotate_outputs",
+    "rotation_compute_dtype",
+    "rotate_samples",
     "rotate_weight",
     "rotate_weight_outputs",
     "rotation_at_strength",

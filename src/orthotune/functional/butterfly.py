@@ -92,14 +92,16 @@ def _then(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tens
     return first[second]
 
 
-def _apply_factors(x: torch.Tensor, steps: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+def _apply_factors(
+    x: torch.Tensor, steps: list[tuple[torch.Tensor, torch.Tensor | None]], row_major: bool | None = None
+) -> torch.Tensor:
     """Apply ``x ↦ x P B Pᵀ`` for each ``(B, p)`` in order; ``p=None`` marks the identity permutation."""
     pending: torch.Tensor | None = None  # gather owed to x before the next block product
     for blocks, permutation in steps:
         gather = _then(pending, None if permutation is None else _inverse(permutation))
         if gather is not None:
             x = permute_features(x, gather)
-        x = rotate_activations(x, blocks, row_major=False)
+        x = rotate_activations(x, blocks, row_major=row_major)
         pending = permutation
     return x if pending is None else permute_features(x, pending)
 
@@ -120,21 +122,23 @@ def _steps(
 
 
 def butterfly_rotate_activations(
-    x: torch.Tensor, blocks: torch.Tensor, permutations: torch.Tensor, row_major: bool = True
+    x: torch.Tensor, blocks: torch.Tensor, permutations: torch.Tensor, row_major: bool | None = True
 ) -> torch.Tensor:
     """``x M`` for the butterfly rotation ``M = F_{m-1} ⋯ F_0``, factor by factor.
 
     Args:
         x: ``(..., d)``.
-        blocks: ``(m, D, b, b)`` orthogonal blocks of each factor, in the dtype of ``x``.
+        blocks: ``(m, D, b, b)`` orthogonal blocks of each factor, in the dtype of ``x`` or a wider one to
+            multiply in (as in :func:`~orthotune.functional.rotate_activations`).
         permutations: ``(m, d)`` from :func:`butterfly_permutations`.
-        row_major: as in :func:`~orthotune.functional.rotate_activations`: ``False`` may leave the result
-            column-major, for a matmul to read without a copy.
+        row_major: as in :func:`~orthotune.functional.rotate_activations`, for every factor's product: ``False``
+            may leave the result column-major, for a matmul to read without a copy; ``None`` picks by whether a
+            gradient flows.
 
     Returns:
         ``(..., d)``.
     """
-    rotated = _apply_factors(x, _steps(blocks, permutations, transpose=False))
+    rotated = _apply_factors(x, _steps(blocks, permutations, transpose=False), row_major)
     return rotated.contiguous() if row_major else rotated
 
 

@@ -94,46 +94,60 @@ def cayley_exact(q: torch.Tensor) -> torch.Tensor:
     return _CayleyExact.apply(q)
 
 
-class _CayleyNeumann(torch.autograd.Function):
-    """The series ``R = (I + Q) Σ_{k=0}^{N} Qᵏ`` (``N = n - 2``), saving only ``Q`` for backward.
+def _neumann_coefficients(num_terms: int) -> list[float]:
+    """``c_k`` of ``R_n = Σ_{k=0}^{n-1} c_k Qᵏ``: ``1, 2, …, 2, 1`` (``1, 1`` for ``n = 2``)."""
+    return [1.0] + [2.0] * (num_terms - 2) + [1.0]
 
-    Autograd would keep every power and partial sum (7 ``(r, b, b)`` tensors for the default 5 terms, per layer,
-    until backward); recomputing the powers there costs a few ``b × b`` products. As a polynomial,
-    ``R = Σ_{k=0}^{N+1} c_k Qᵏ`` with ``c_0 = c_{N+1} = 1`` and ``c_k = 2`` between, so
-    ``∂L/∂Q = Σ_{i+j≤N} c_{i+j+1} (Qᵀ)ⁱ G (Qᵀ)ʲ = Σ_i (Qᵀ)ⁱ G S_i`` with ``S_i = Σ_j c_{i+j+1} (Qᵀ)ʲ``.
+
+def _horner_tail(q: torch.Tensor, coefficients: list[float]) -> list[torch.Tensor]:
+    """``[T_{K}, …, T_1]`` of Horner's rule ``T_k = c_k I + Q T_{k+1}``, ``T_{K+1} = c_{K+1} I`` (``K + 2`` terms).
+
+    ``q`` is ``(B, b, b)``; ``T_0`` (the polynomial itself) is left to the caller.
+    """
+    eye = _identity_like(q)
+    last = len(coefficients) - 1
+    tail = [torch.add(coefficients[last - 1] * eye, q, alpha=coefficients[last])]  # T_{K}
+    for k in range(last - 2, 0, -1):
+        tail.append(torch.baddbmm(eye, q, tail[-1], beta=coefficients[k]))
+    return tail
+
+
+class _CayleyNeumann(torch.autograd.Function):
+    """The series ``R = Σ_{k=0}^{n-1} c_k Qᵏ`` (``c = 1, 2, …, 2, 1``) by Horner's rule, saving only ``Q``.
+
+    Forward: ``T_k = c_k I + Q T_{k+1}``, ``R = T_0``: one fused multiply-add per term. Backward recomputes the
+    ``T_k`` (autograd would keep all of them, per layer, until backward) and runs Horner's rule in reverse:
+    with ``H_0 = G`` and ``H_{k+1} = Qᵀ H_k``, ``∂L/∂Q = Σ_k H_k T_{k+1}ᵀ``.
     """
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, num_terms: int) -> torch.Tensor:
         ctx.save_for_backward(q)
         ctx.num_terms = num_terms
-        series = _identity_like(q)  # Σ_{k=0}^{N} Qᵏ, built term by term
-        power = series
-        for _ in range(num_terms - 2):
-            power = power @ q
-            series = series + power
-        return series + q @ series  # (I + Q) · series
+        batch = q.reshape(-1, *q.shape[-2:])
+        coefficients = _neumann_coefficients(num_terms)
+        if num_terms == 2:
+            return torch.add(_identity_like(q), q)
+        tail = _horner_tail(batch, coefficients)
+        return torch.baddbmm(_identity_like(batch), batch, tail[-1], beta=coefficients[0]).view(q.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (q,) = ctx.saved_tensors
-        highest = ctx.num_terms - 2  # N
-        q_t = q.transpose(-1, -2)
-        powers = [_identity_like(q)]  # (Qᵀ)ʲ, j = 0..N
-        for _ in range(highest):
-            powers.append(powers[-1] @ q_t)
-
-        def coefficient(k: int) -> float:
-            return 1.0 if k in (0, highest + 1) else 2.0
-
-        total = torch.zeros_like(grad)
-        left = grad  # (Qᵀ)ⁱ G
-        for i in range(highest + 1):
-            right = sum(coefficient(i + j + 1) * powers[j] for j in range(highest - i + 1))
-            total = total + left @ right
-            if i < highest:
-                left = q_t @ left
-        return total, None
+        coefficients = _neumann_coefficients(ctx.num_terms)
+        batch = q.reshape(-1, *q.shape[-2:])
+        h = grad.reshape(batch.shape)
+        if ctx.num_terms == 2:
+            return grad.clone(), None
+        tail = _horner_tail(batch, coefficients)  # T_K … T_1
+        q_t = batch.transpose(-1, -2)
+        total = torch.bmm(h, tail[-1].transpose(-1, -2))  # H_0 T_1ᵀ
+        for t_next in reversed(tail[:-1]):  # T_2 … T_K
+            h = torch.bmm(q_t, h)
+            total = torch.baddbmm(total, h, t_next.transpose(-1, -2))
+        h = torch.bmm(q_t, h)  # H_K; T_{K+1} = c_{K+1} I
+        total = total.add_(h, alpha=coefficients[-1])
+        return total.view(q.shape), None
 
 
 def cayley_neumann(q: torch.Tensor, num_terms: int) -> torch.Tensor:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from orthotune.functional.precision import multiplies_natively
+
 #: Blocks narrower than this are multiplied as block-diagonal tiles of about this width: a batched matmul of
 #: many tiny (say 8 × 8) matrices runs at a fraction of the speed of fewer 32 × 32 ones, and the extra zeros
 #: cost far less than they save.
@@ -41,43 +43,91 @@ def tile_blocks(blocks: torch.Tensor, width: int = TILE_WIDTH) -> torch.Tensor:
     return tiles.view(num_blocks // per_tile, per_tile * block_size, per_tile * block_size)
 
 
-class _BlockDiagonalProduct(torch.autograd.Function):
-    """``x R`` for ``x: (m, D·b)`` and blocks ``(D, b, b)``, as one batched matmul over blocks, without copies.
+def _block_product(x: torch.Tensor, blocks: torch.Tensor, row_major: bool) -> torch.Tensor:
+    """``x R`` for ``x: (m, D·b)``, one batched matmul over the ``D`` blocks, no autograd.
 
-    Forward computes the transpose, ``(x R)ᵀ`` block by block (``R_jᵀ x_jᵀ``), into a contiguous ``(D·b, m)``
+    ``row_major=False`` computes the transpose, ``R_jᵀ x_jᵀ`` for every block, into a contiguous ``(D·b, m)``
     buffer and returns its transposed view: an ``(m, D·b)`` tensor in column-major layout, which a linear
-    layer's matmul reads as it is (BLAS takes a transpose flag), so neither the input nor the output is copied
-    into a block-major layout. Backward reads both ``x`` and the gradient in place as strided ``(D, ·, ·)``
-    batches; only the input gradient is made row-major again, so that the rest of the model sees the usual
-    layout. Autograd's own rule for a view-bmm-view chain multiplied block by block with a copy per block, and
-    reshaping the column-major gradient into blocks would copy it (an activation-sized buffer at the backward
-    peak). Only ``x`` itself is saved, so layers that share an input (``q``, ``k``, ``v``) share what backward
-    keeps.
+    layer's matmul reads as it is (BLAS takes a transpose flag). ``row_major=True`` writes ``x_j R_j`` for every
+    block straight into its place in a row-major ``(m, D, b)`` buffer. Neither copies ``x`` into a block-major
+    layout; both read it in place as a strided ``(D, m, b)`` batch. Blocks in a wider dtype than ``x`` make the
+    product run in the blocks' dtype, the result rounded back to ``x``'s.
+    """
+    rows, width = x.shape
+    num_blocks = blocks.shape[0]
+    work = _block_view(x.to(blocks.dtype), num_blocks)
+    if row_major:
+        out = work.new_empty(rows, num_blocks, width // num_blocks)
+        torch.bmm(work, blocks, out=out.transpose(0, 1))
+        return out.view(rows, width).to(x.dtype)
+    transposed = torch.bmm(blocks.transpose(1, 2), work.transpose(1, 2))
+    return transposed.view(width, rows).t().to(x.dtype)  # .to keeps the column-major strides
+
+
+class _BlockDiagonalProduct(torch.autograd.Function):
+    """:func:`_block_product` with a hand-written backward that copies nothing activation-sized but the result.
+
+    Backward reads both ``x`` and the gradient in place as strided ``(D, ·, ·)`` batches and writes the input
+    gradient straight into a row-major buffer, so that the rest of the model sees the usual layout. Autograd's
+    own rule for a view-bmm-view chain multiplied block by block with a copy per block, and reshaping a
+    column-major gradient into blocks would copy it (an activation-sized buffer at the backward peak). Only
+    ``x`` itself is saved, so layers that share an input (``q``, ``k``, ``v``) share what backward keeps; with
+    blocks in a wider dtype (fp32 blocks for bf16 activations where bf16 matmuls are emulated, see
+    :mod:`~orthotune.functional.precision`) backward upcasts the saved ``x`` again rather than keeping an fp32
+    copy of it.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, blocks: torch.Tensor, row_major: bool) -> torch.Tensor:
         ctx.save_for_backward(x, blocks)
-        rows, width = x.shape
-        transposed = torch.bmm(blocks.transpose(1, 2), _block_view(x, blocks.shape[0]).transpose(1, 2))
-        return transposed.view(width, rows).t()
+        return _block_product(x, blocks, row_major)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, blocks = ctx.saved_tensors
         num_blocks = blocks.shape[0]
-        # The base layer's matmul hands back the gradient in the layout of its input, column-major: read its
-        # transpose as contiguous (D, b, m) blocks. A row-major gradient is read as a strided view instead.
+        rows, width = x.shape
+        grad = grad.to(blocks.dtype)
+        # G_jᵀ as a (D, b, m) batch. A matmul after a column-major product hands back its gradient column-major,
+        # whose transpose is contiguous (D, b, m) blocks; a row-major gradient is read strided.
         if grad.t().is_contiguous():
-            grad_by_block = grad.t().view(num_blocks, -1, grad.shape[0]).transpose(1, 2)
+            grad_t = grad.t().view(num_blocks, -1, rows)
         else:
-            grad_by_block = _block_view(grad, num_blocks)
+            grad_t = _block_view(grad, num_blocks).transpose(1, 2)
         grad_x = grad_blocks = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(grad_by_block, blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+            if torch.is_grad_enabled():  # double backward: out= is not differentiable
+                grad_x = torch.bmm(grad_t.transpose(1, 2), blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+            else:  # G_j R_jᵀ written block by block into its place in a row-major (m, D, b) buffer
+                grad_x = grad.new_empty(rows, num_blocks, width // num_blocks)
+                torch.bmm(grad_t.transpose(1, 2), blocks.transpose(1, 2), out=grad_x.transpose(0, 1))
+                grad_x = grad_x.view(rows, width)
+            grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_blocks = torch.bmm(_block_view(x, num_blocks).transpose(1, 2), grad_by_block)
-        return grad_x, grad_blocks
+            # x_jᵀ G_j = (G_jᵀ x_j)ᵀ: this operand order reads both strided batches fastest (measured ~1.5x).
+            grad_blocks = torch.bmm(grad_t, _block_view(x.to(blocks.dtype), num_blocks)).transpose(1, 2)
+        return grad_x, grad_blocks, None
+
+
+#: Up to this many rows, a no-grad product takes the path with the fewest kernels (:func:`_few_rows_product`).
+FEW_ROWS = 16
+
+
+def _few_rows_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``x R`` for at most :data:`FEW_ROWS` rows (any leading shape), row-major, no autograd, untiled.
+
+    Token-by-token generation calls this once per token and adapted layer, where the number of kernels, not
+    their arithmetic, sets the cost; a product of a few rows gains nothing from tiling narrow blocks.
+    """
+    work = x if x.dtype == blocks.dtype else x.to(blocks.dtype)
+    rows = x.numel() // x.shape[-1]
+    if rows == 1:
+        out = torch.bmm(work.reshape(blocks.shape[0], 1, -1), blocks).view(x.shape)
+    else:
+        by_block = work.reshape(rows, blocks.shape[0], -1).transpose(0, 1)
+        # reshape may keep the transposed strides (a block size of 1 does): row-major is promised
+        out = torch.bmm(by_block, blocks).transpose(0, 1).reshape(x.shape).contiguous()
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _block_view(x: torch.Tensor, num_blocks: int) -> torch.Tensor:
@@ -85,31 +135,83 @@ def _block_view(x: torch.Tensor, num_blocks: int) -> torch.Tensor:
     return x.reshape(x.shape[0], num_blocks, -1).transpose(0, 1)
 
 
-def rotate_activations(x: torch.Tensor, blocks: torch.Tensor, row_major: bool = True) -> torch.Tensor:
+def rotate_activations(x: torch.Tensor, blocks: torch.Tensor, row_major: bool | None = True) -> torch.Tensor:
     """``x R`` for block-diagonal ``R``.
 
     Args:
         x: ``(..., D·b)``.
-        blocks: ``(D, b, b)``, or ``(1, b, b)`` for one block shared over the width.
-        row_major: ``False`` lets the result come in the layout the product leaves it in, column-major with
-            more than one block (see ``_BlockDiagonalProduct``), which a matmul reads as it is; the layers use
-            that to save a copy. ``True`` gives a contiguous tensor.
+        blocks: ``(D, b, b)``, or ``(1, b, b)`` for one block shared over the width; in the dtype of ``x``, or in
+            a wider one to multiply in (see :func:`~orthotune.functional.precision.rotation_compute_dtype`).
+        row_major: ``True`` gives a contiguous result, ``False`` a column-major one (with more than one block,
+            see ``_block_product``), which a matmul reads as it is; neither makes a copy. ``None`` picks for
+            a matmul that follows: column-major when a gradient flows back through the result and the device
+            multiplies ``x``'s dtype natively (the transposed product reads the gradient the base layer hands
+            back fastest), row-major otherwise: without a gradient the row-major product is the faster one for
+            the few rows of token-by-token generation (~2× at one row), and where bf16 matmuls are emulated (an
+            AVX2 CPU) torch's fallback bf16 GEMM ran ~10× slower on a column-major input at d = 1024, in forward
+            and in the input-gradient product alike (BENCHMARKS.md).
 
     Returns:
-        ``(..., D·b)``, the dtype of ``x`` (``blocks`` should be cast to it beforehand).
+        ``(..., D·b)``, the dtype of ``x``.
     """
     num_blocks, block_size, _ = blocks.shape
-    if num_blocks == 1:
+    if num_blocks == 1 and blocks.dtype == x.dtype:
         return (x.reshape(-1, block_size) @ blocks[0]).reshape(x.shape)
+    if num_blocks == 1 and x.shape[-1] % block_size == 0:
+        # A shared block in a wider dtype: repeat it (a view) so that the product, not autograd, keeps x.
+        num_blocks = x.shape[-1] // block_size
+        blocks = blocks.expand(num_blocks, -1, -1)
     if x.shape[-1] != num_blocks * block_size:
         raise ValueError(
             f"x has {x.shape[-1]} features but the rotation has {num_blocks} blocks of {block_size}; "
             "the last dimension of x must be num_blocks * block_size"
         )
+    gradient_flows = torch.is_grad_enabled() and (x.requires_grad or blocks.requires_grad)
+    if row_major is None:
+        row_major = not gradient_flows or not multiplies_natively(x.device, x.dtype)
+    if row_major and not gradient_flows and x.numel() <= FEW_ROWS * x.shape[-1]:
+        return _few_rows_product(x, blocks)
     if block_size < TILE_WIDTH:
         blocks = tile_blocks(blocks)
-    rotated = _BlockDiagonalProduct.apply(x.reshape(-1, x.shape[-1]), blocks).reshape(x.shape)
-    return rotated.contiguous() if row_major else rotated
+    rows = x.reshape(-1, x.shape[-1])
+    if gradient_flows:
+        rotated = _BlockDiagonalProduct.apply(rows, blocks, row_major)
+    else:  # inference: the autograd.Function's own overhead is most of the cost of a one-token call
+        rotated = _block_product(rows, blocks, row_major)
+    return rotated.reshape(x.shape)
+
+
+def rotate_samples(x: torch.Tensor, blocks: list[torch.Tensor]) -> torch.Tensor:
+    """``x_i R_i`` for every sample ``i`` of ``x`` (its first dimension), each by its own block-diagonal rotation.
+
+    One batched product for the whole batch: for a mixed-adapter batch of a few rows (generation), where one
+    product per adapter would cost a kernel launch and a gather per group. The blocks of all samples are
+    stacked, so memory grows with the batch: meant for small batches.
+
+    Args:
+        x: ``(N, ..., D·b)``.
+        blocks: ``N`` tensors ``(D, b, b)`` (views welcome: an expanded shared block, an expanded identity), all in
+            one dtype, the dtype of ``x`` or a wider one to multiply in.
+
+    Returns:
+        ``(N, ..., D·b)`` in the dtype of ``x``.
+    """
+    stacked = torch.stack(blocks)  # (N, D, b, b)
+    samples, num_blocks, block_size, _ = stacked.shape
+    if samples != x.shape[0] or num_blocks * block_size != x.shape[-1]:
+        raise ValueError(
+            f"x of shape {tuple(x.shape)} needs one (D, b, b) rotation per sample with D·b = {x.shape[-1]}; "
+            f"got {samples} of shape {tuple(stacked.shape[1:])}"
+        )
+    work = x if x.dtype == stacked.dtype else x.to(stacked.dtype)
+    rows = x[0].numel() // x.shape[-1]
+    if rows == 1:
+        out = torch.bmm(work.reshape(samples * num_blocks, 1, block_size), stacked.view(-1, block_size, block_size))
+        out = out.view(x.shape)
+    else:
+        by_block = work.reshape(samples, rows, num_blocks, block_size).transpose(1, 2)  # (N, D, rows, b)
+        out = torch.matmul(by_block, stacked).transpose(1, 2).reshape(x.shape)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def rotate_weight(weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@ BOFT stores unconstrained square matrices ``A`` instead and takes their skew par
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 import torch
 
@@ -34,6 +36,39 @@ def block_size_from_packed(n_elements: int) -> int:
     return b
 
 
+@functools.cache
+def _skew_gather_index(block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each entry of a flattened ``b × b`` skew matrix comes from in ``[0, packed, -packed]``, and the
+    flat positions of the strict upper triangle (in packed order)."""
+    rows, cols = torch.triu_indices(block_size, block_size, 1)
+    count = rows.numel()
+    source = torch.zeros(block_size, block_size, dtype=torch.long)
+    source[rows, cols] = torch.arange(1, count + 1)
+    source[cols, rows] = torch.arange(count + 1, 2 * count + 1)
+    return source.view(-1).to(device), (rows * block_size + cols).to(device)
+
+
+class _SkewFromPacked(torch.autograd.Function):
+    """One gather forward; backward reads the upper triangle of ``G - Gᵀ`` (autograd's rule for an index_put
+    into zeros followed by ``U - Uᵀ`` took four kernels and a scatter)."""
+
+    @staticmethod
+    def forward(ctx: Any, packed: torch.Tensor, block_size: int) -> torch.Tensor:
+        # Compiled graphs make the index themselves (dynamo traces past an lru_cache, with a warning).
+        index = _skew_gather_index.__wrapped__ if torch.compiler.is_compiling() else _skew_gather_index
+        source, upper = index(block_size, packed.device)
+        ctx.save_for_backward(upper)
+        ctx.block_size = block_size
+        padded = torch.cat([packed.new_zeros(*packed.shape[:-1], 1), packed, -packed], dim=-1)
+        return padded.index_select(-1, source).view(*packed.shape[:-1], block_size, block_size)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (upper,) = ctx.saved_tensors
+        antisymmetric = grad - grad.transpose(-1, -2)
+        return antisymmetric.reshape(*grad.shape[:-2], -1).index_select(-1, upper), None
+
+
 def skew_from_packed(packed: torch.Tensor, block_size: int) -> torch.Tensor:
     """Unpack strict upper triangles into skew-symmetric matrices.
 
@@ -49,10 +84,7 @@ def skew_from_packed(packed: torch.Tensor, block_size: int) -> torch.Tensor:
             f"packed has {packed.shape[-1]} entries per block but block_size={block_size} needs "
             f"{packed_size(block_size)}; pass the block size the parameters were made for"
         )
-    rows, cols = torch.triu_indices(block_size, block_size, 1, device=packed.device)
-    upper = packed.new_zeros(*packed.shape[:-1], block_size, block_size)
-    upper[..., rows, cols] = packed
-    return upper - upper.transpose(-1, -2)
+    return _SkewFromPacked.apply(packed, block_size)
 
 
 def packed_from_skew(skew: torch.Tensor) -> torch.Tensor:
