@@ -298,3 +298,43 @@ def test_rotate_samples_equals_a_dense_product_per_sample() -> None:
     assert half.dtype == torch.bfloat16 and rel_err(half, out) <= 2**-7
     with pytest.raises(ValueError, match="one \\(D, b, b\\) rotation per sample"):
         rotate_samples(x, blocks[:2])
+
+
+@pytest.mark.parametrize("make", [_oft_layer, _boft_layer], ids=["oft", "boft"])
+def test_set_scale_rebuilds(make, cayley_calls: list[int]) -> None:  # noqa: ANN001
+    """A strength is part of what the kept rotation depends on: after ``set_scale`` the layer gives what a fresh
+    copy at that strength gives, and going back to the old strength rebuilds once more."""
+    layer = make().eval()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        at_one = layer(x)
+        layer.set_scale("default", 0.5)
+        at_half = layer(x)
+    assert cayley_calls[0] == 2
+    assert not torch.equal(at_half, at_one)
+    torch.testing.assert_close(at_half, _fresh_output(layer, x), rtol=0, atol=0)
+    with torch.no_grad():
+        layer.set_scale("default", 1.0)
+        assert torch.equal(layer(x), at_one)
+    assert cayley_calls[0] == 4  # the fresh copy built once too
+
+
+def test_load_adapter_rebuilds(tmp_path) -> None:  # noqa: ANN001
+    """``load_adapter`` into an existing adapter (peft's way of refreshing weights) invalidates the kept rotation."""
+    from tiny_models import tiny_llama, token_batch
+
+    import orthotune
+
+    config = orthotune.OFTConfig(oft_block_size=8, target_modules=["q_proj"], init_weights=False)
+    trained = orthotune.get_peft_model(tiny_llama(), config)
+    trained.save_pretrained(tmp_path)
+    model = orthotune.get_peft_model(tiny_llama(), orthotune.OFTConfig(oft_block_size=8, target_modules=["q_proj"]))
+    model.eval()
+    tokens = token_batch()
+    with torch.no_grad():
+        before = model(tokens).logits  # identity adapter, now kept
+        model.load_adapter(tmp_path, "default")
+        after = model(tokens).logits
+        expected = trained.eval()(tokens).logits
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
