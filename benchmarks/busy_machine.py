@@ -1,4 +1,4 @@
-"""Fine-tuning next to another CPU-bound process: torch's default threading against ``orthotune.cli_threads``.
+"""Fine-tuning next to another CPU-bound process: torch's default threading against ``orthotune.cli.threads``.
 
 What is measured
 ----------------
@@ -8,7 +8,7 @@ warm-up steps (wall clock: the point is how long the user waits). Two ways to st
 
 * ``default``: torch's own choice, one intra-op thread per core and GNU OpenMP's default waiting (spin, then
   sleep); ``OMP_*``/``KMP_*``/``GOMP_*`` variables removed from its environment;
-* ``policy``: :func:`orthotune.cli_threads.apply_cpu_thread_policy` runs before torch is imported (threads =
+* ``policy``: :func:`orthotune.cli.threads.apply_cpu_thread_policy` runs before torch is imported (threads =
   free cores, ``OMP_WAIT_POLICY=PASSIVE``), as ``orthotune finetune`` does.
 
 Each runs ``idle`` (nothing added) and ``busy`` (one extra process spinning in a Python loop, started just
@@ -45,9 +45,9 @@ _OPENMP_PREFIXES = ("OMP_", "KMP_", "GOMP_", "MKL_NUM_THREADS")
 
 
 def _load_cli_threads():  # noqa: ANN202
-    """``orthotune/cli_threads.py`` by path: importing the package would import torch (its ``__init__`` does),
-    and then the OpenMP environment could no longer be set."""
-    spec = importlib.util.spec_from_file_location("orthotune_cli_threads", _SRC / "orthotune" / "cli_threads.py")
+    """``orthotune/cli/threads.py`` by path, so that nothing else is imported before the OpenMP environment is set
+    (OpenMP reads it once, when torch loads it)."""
+    spec = importlib.util.spec_from_file_location("orthotune_cli_threads", _SRC / "orthotune" / "cli" / "threads.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
