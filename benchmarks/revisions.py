@@ -126,6 +126,9 @@ def compare(
     def step_maker(layer: nn.Module, source: torch.Tensor) -> Callable[[], None]:
         return make_step(layer, source, gradient)
 
+    def versus_peft(name: str) -> bool:
+        return name == "after" and with_peft
+
     for op, make in (("step", step_maker), ("infer", layer_step.make_infer)):
         for layer in (frozen, *layers.values()):
             layer.train(op == "step")
@@ -139,6 +142,7 @@ def compare(
                 f"{d}", f"{n}", dtype_name, spec.label, op, name, ms.format(2),
                 Spread.of(paired_ratios(times[name], times["frozen"])).format(),
                 Spread.of(paired_ratios(times[name], times["before"])).format() if name != "before" else "",
+                Spread.of(paired_ratios(times[name], times["peft"])).format() if versus_peft(name) else "",
                 str(len(times[name])),
             ])  # fmt: skip
             print("  " + " | ".join(rows[-1]), file=sys.stderr, flush=True)
@@ -146,7 +150,7 @@ def compare(
 
 
 HEADERS = ("d", "n", "dtype", "variant", "op", "impl", "ms [p25-p75]", "x frozen [p25-p75]", "x before [p25-p75]",
-           "reps")  # fmt: skip
+           "after / peft [p25-p75]", "reps")  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
