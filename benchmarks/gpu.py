@@ -266,8 +266,9 @@ def run_layers(
                 row.note = "skipped: time budget"
                 continue
             try:
+                base = copy.deepcopy(frozen)  # outside the window: the copy of the frozen weight is not the adapter's
                 with peak_memory(device) as memory:
-                    layer = build(copy.deepcopy(frozen))
+                    layer = build(base)
                     _perturb(layer)
                     step = make_layer_step(layer, x)
                     for _ in range(3):

@@ -15,9 +15,10 @@ A kept entry is used only when all of these still hold:
   entry was built in the same ``torch.inference_mode`` state (inference tensors cannot be saved for backward).
 
 Not seen: writes through ``tensor.data`` (``p.data.copy_(...)``), which autograd's version counter does not
-count. Code that writes parameters that way must call :meth:`RotationCache.clear` (``AdapterLayer`` does it
-in ``update_layer``/``delete_adapter`` paths through ``clear_rotation_cache``).
-Nothing is cached while ``torch.compile`` traces (the compiled graph has its own reuse rules).
+count. Code that writes parameters that way must call :meth:`RotationCache.clear` afterwards
+(``AdapterLayer.clear_rotation_cache``). A new adapter under an old name has new parameter objects, and
+``delete_adapter`` drops the adapter's entry. Nothing is cached while ``torch.compile`` traces (the compiled
+graph has its own reuse rules). A strength (``set_scale``) is part of ``settings``, as are the adapter's other options.
 """
 
 from __future__ import annotations
@@ -83,11 +84,10 @@ class RotationCache:
                     return entry[2]
         blocks = build()
         self.builds += 1
-        made = [_fingerprint(source) for source in sources]
-        kept = [f for f in made if f is not None]
-        if len(kept) == len(sources):
-            self._entries[name] = (kept, key, blocks.detach())
-        else:
+        fingerprints = [f for f in map(_fingerprint, sources) if f is not None]
+        if len(fingerprints) == len(sources):
+            self._entries[name] = (fingerprints, key, blocks.detach())
+        else:  # a source without a version counter or address cannot be watched: do not keep
             self._entries.pop(name, None)
         return blocks
 
