@@ -62,8 +62,8 @@ def _block_product(x: torch.Tensor, blocks: torch.Tensor, row_major: bool) -> to
 class _BlockDiagonalProduct(torch.autograd.Function):
     """:func:`_block_product` with a hand-written backward that copies nothing activation-sized but the result.
 
-    Backward reads both ``x`` and the gradient in place as strided ``(D, ·, ·)`` batches and copies the input
-    gradient once into the row-major layout, so that the rest of the model sees the usual layout. Autograd's
+    Backward reads both ``x`` and the gradient in place as strided ``(D, ·, ·)`` batches and writes the input
+    gradient straight into a row-major buffer, so that the rest of the model sees the usual layout. Autograd's
     own rule for a view-bmm-view chain multiplied block by block with a copy per block, and reshaping a
     column-major gradient into blocks would copy it (an activation-sized buffer at the backward peak). Only
     ``x`` itself is saved, so layers that share an input (``q``, ``k``, ``v``) share what backward keeps; with
@@ -95,9 +95,13 @@ class _BlockDiagonalProduct(torch.autograd.Function):
             grad_t = _block_view(grad, num_blocks).transpose(1, 2)
         grad_x = grad_blocks = None
         if ctx.needs_input_grad[0]:
-            # G_j R_jᵀ per block, then one copy into the row-major layout the rest of the model expects (as fast
-            # as writing each block into place with a strided out=, which torch.compile does not take).
-            grad_x = torch.bmm(grad_t.transpose(1, 2), blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():  # out= is neither differentiable nor
+                # traceable with strides: G_j R_jᵀ per block, then one copy into the row-major layout
+                grad_x = torch.bmm(grad_t.transpose(1, 2), blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
+            else:  # G_j R_jᵀ written block by block into its place in a row-major (m, D, b) buffer
+                grad_x = grad.new_empty(rows, num_blocks, width // num_blocks)
+                torch.bmm(grad_t.transpose(1, 2), blocks.transpose(1, 2), out=grad_x.transpose(0, 1))
+                grad_x = grad_x.view(rows, width)
             grad_x = grad_x.to(x.dtype)
         if ctx.needs_input_grad[1]:
             # x_jᵀ G_j = (G_jᵀ x_j)ᵀ: this operand order reads both strided batches fastest (measured ~1.5x).
