@@ -264,3 +264,18 @@ def test_neumann_series_passes_gradcheck(num_terms: int) -> None:
     eye = torch.eye(4, dtype=torch.float64)
     textbook = (eye + q) @ sum(torch.linalg.matrix_power(q, k) for k in range(num_terms - 1))
     assert rel_err(cayley_neumann(q, num_terms), textbook) <= 1e-13
+
+
+def test_bf16_layer_compiles_without_graph_breaks() -> None:
+    """The hardware decisions run once while tracing (constants), and the product takes no strided out= there."""
+    torch.manual_seed(0)
+    layer = oft.Linear(nn.Linear(64, 32).to(torch.bfloat16), "default", r=0, oft_block_size=16, init_weights=False)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(20, 64).to(torch.bfloat16)
+    inputs = x.clone().requires_grad_(True)
+    out = compiled(inputs)
+    out.float().square().sum().backward()
+    assert rel_err(out, layer(x)) == 0 and inputs.grad is not None
+    layer.eval()
+    with torch.no_grad():
+        assert rel_err(compiled(x), layer(x)) == 0

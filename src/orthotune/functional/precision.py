@@ -27,6 +27,10 @@ import time
 
 import torch
 
+#: ``torch.compile`` runs these decisions once while tracing and keeps the answer as a constant: the probes and
+#: the measurement behind them are not graph material.
+_constant_while_compiling = getattr(torch.compiler, "assume_constant_result", lambda function: function)
+
 #: Environment variable that overrides :func:`rotation_compute_dtype`; see the module docstring.
 ROTATION_DTYPE_ENV = "ORTHOTUNE_ROTATION_DTYPE"
 _CHOICES = ("auto", "float32", "input")
@@ -92,6 +96,7 @@ def _cpu_half_product_is_faster(dtype: torch.dtype) -> bool:
     return best["half"] < best["upcast"]
 
 
+@_constant_while_compiling
 def multiplies_natively(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether matmuls in ``dtype`` run natively on ``device`` (always true for fp32 and fp64).
 
@@ -107,13 +112,14 @@ def multiplies_natively(device: torch.device | str, dtype: torch.dtype) -> bool:
     return True
 
 
+@_constant_while_compiling
 def rotation_compute_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
     """The dtype to multiply activations of ``dtype`` on ``device`` by their rotation blocks in.
 
     ``dtype`` itself for fp32/fp64 and where the device multiplies half precision natively, ``torch.float32``
     where it does not. On a CPU that reports native bf16/fp16 GEMMs, a one-time measurement of the batched
-    block product in both dtypes decides (cached per dtype; not while ``torch.compile`` traces, which takes the
-    native dtype). ``ORTHOTUNE_ROTATION_DTYPE`` overrides the choice.
+    block product in both dtypes decides (cached per dtype). ``ORTHOTUNE_ROTATION_DTYPE`` overrides the choice;
+    a compiled graph keeps the choice it was traced with.
 
     Args:
         device: where the activations live.
@@ -130,7 +136,6 @@ def rotation_compute_dtype(device: torch.device | str, dtype: torch.dtype) -> to
         return dtype
     if choice == "float32" or not multiplies_natively(device, dtype):
         return torch.float32
-    device = torch.device(device)
-    if device.type == "cpu" and not torch.compiler.is_compiling() and not _cpu_half_product_is_faster(dtype):
+    if torch.device(device).type == "cpu" and not _cpu_half_product_is_faster(dtype):
         return torch.float32
     return dtype

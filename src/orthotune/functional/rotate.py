@@ -57,6 +57,8 @@ def _block_product(x: torch.Tensor, blocks: torch.Tensor, row_major: bool) -> to
     num_blocks = blocks.shape[0]
     work = _block_view(x.to(blocks.dtype), num_blocks)
     if row_major:
+        if torch.compiler.is_compiling():  # dynamo takes no strided out=; the copy is inductor's to fuse
+            return torch.bmm(work, blocks).transpose(0, 1).reshape(rows, width).to(x.dtype)
         out = work.new_empty(rows, num_blocks, width // num_blocks)
         torch.bmm(work, blocks, out=out.transpose(0, 1))
         return out.view(rows, width).to(x.dtype)
@@ -96,7 +98,8 @@ class _BlockDiagonalProduct(torch.autograd.Function):
             grad_t = _block_view(grad, num_blocks).transpose(1, 2)
         grad_x = grad_blocks = None
         if ctx.needs_input_grad[0]:
-            if torch.is_grad_enabled():  # double backward: out= is not differentiable
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():  # out= is neither differentiable nor
+                # traceable with strides: G_j R_jᵀ per block, then one copy into the row-major layout
                 grad_x = torch.bmm(grad_t.transpose(1, 2), blocks.transpose(1, 2)).transpose(0, 1).reshape(x.shape)
             else:  # G_j R_jᵀ written block by block into its place in a row-major (m, D, b) buffer
                 grad_x = grad.new_empty(rows, num_blocks, width // num_blocks)
