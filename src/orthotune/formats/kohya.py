@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from orthotune.formats.layer_adapter import LayerAdapter
+from orthotune.formats.lycoris import split_layer_key, tensors_by_layer
 from orthotune.formats.module_names import match_module_names
 from orthotune.functional import packed_from_skew
 
@@ -56,11 +57,6 @@ KOHYA_NORM_EPS = 1e-8
 _SPLIT_BLOCKS = re.compile(r"oft_blocks\.\d+")
 
 
-def _split(key: str) -> tuple[str, str]:
-    name, _, parameter = key.partition(".")
-    return name, parameter
-
-
 def detect(state_dict: Mapping[str, torch.Tensor]) -> bool:
     """Whether a state dict is a kohya OFT file: every layer named ``oft_unet_…``, holding only ``oft_blocks``
     (or ``oft_flux.py``'s ``oft_blocks.<i>``, which :func:`read` refuses by name) and ``alpha``, at least one
@@ -73,7 +69,7 @@ def detect(state_dict: Mapping[str, torch.Tensor]) -> bool:
         return False
     has_blocks = False
     for key in state_dict:
-        name, parameter = _split(key)
+        name, parameter = split_layer_key(key)
         if not any(name.startswith(prefix + "_") for prefix in KOHYA_PREFIXES):
             return False
         blocks = parameter == "oft_blocks" or bool(_SPLIT_BLOCKS.fullmatch(parameter))
@@ -168,12 +164,7 @@ def read(
         ValueError: a file of ``oft_flux.py``, a file without ``alpha``, unknown tensors, or names that match no
             module.
     """
-    by_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        name, parameter = _split(key)
-        if not parameter:
-            raise ValueError(f"key {key!r} is not <layer>.<tensor>; this is not a kohya OFT file")
-        by_layer.setdefault(name, {})[parameter] = tensor
+    by_layer = tensors_by_layer(state_dict, "kohya OFT")
     _refuse_split_blocks(by_layer)
     alpha = _network_alpha(state_dict)
     for name in [name for name, tensors in by_layer.items() if set(tensors) == {"alpha"}]:

@@ -55,9 +55,22 @@ _ROTATION_PARAMETERS = ("oft_blocks", "oft_diag")
 
 
 # ------------------------------------------------------------------------------------------------- detect
-def _split(key: str) -> tuple[str, str]:
+def split_layer_key(key: str) -> tuple[str, str]:
+    """``"<layer>.<tensor>"`` → ``(layer, tensor)`` (``tensor`` empty where the key has no dot)."""
     name, _, parameter = key.partition(".")
     return name, parameter
+
+
+def tensors_by_layer(state_dict: Mapping[str, torch.Tensor], tool: str) -> dict[str, dict[str, torch.Tensor]]:
+    """A single file's ``<layer>.<tensor>`` keys grouped by layer (the Stable Diffusion tools' layout: LyCORIS's
+    and kohya's), or a ``ValueError`` naming the first key that is not of that form as not ``tool``'s."""
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        name, parameter = split_layer_key(key)
+        if not parameter:
+            raise ValueError(f"key {key!r} is not <layer>.<tensor>; this is not a {tool} file")
+        by_layer.setdefault(name, {})[parameter] = tensor
+    return by_layer
 
 
 def _prefix_of(name: str, prefixes: Iterable[str]) -> str | None:
@@ -74,10 +87,10 @@ def detect_lycoris(state_dict: Mapping[str, torch.Tensor]) -> bool:
 
     kohya's own OFT files (``oft_unet_…``) and peft files (``base_model.model.…``) are not LyCORIS files.
     """
-    names = {_split(key)[0] for key in state_dict}
+    names = {split_layer_key(key)[0] for key in state_dict}
     if not names or any(_prefix_of(name, LYCORIS_PREFIXES) is None for name in names):
         return False
-    return any(_split(key)[1] in _ROTATION_PARAMETERS for key in state_dict)
+    return any(split_layer_key(key)[1] in _ROTATION_PARAMETERS for key in state_dict)
 
 
 # ------------------------------------------------------------------------------------------------- names
@@ -262,12 +275,7 @@ def read_lycoris(
         :func:`~orthotune.formats.layer_adapter.add_layer_adapter`, describe them with
         :func:`~orthotune.formats.layer_adapter.config_for_layer_adapters`.
     """
-    by_layer: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        name, parameter = _split(key)
-        if not parameter:
-            raise ValueError(f"key {key!r} is not <layer>.<tensor>; this is not a LyCORIS file")
-        by_layer.setdefault(name, {})[parameter] = tensor
+    by_layer = tensors_by_layer(state_dict, "LyCORIS")
     modules = match_lycoris_names(by_layer, module_names, prefixes, ignore_unmatched)
     return {
         module: _layer_adapter(name, by_layer[name], orthogonality_tolerance)
